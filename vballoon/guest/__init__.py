@@ -1,0 +1,1 @@
+"""Guest side: the image builder and SSH access."""

@@ -1,0 +1,1 @@
+"""Host side: QEMU processes, QMP, qtest, migration."""
