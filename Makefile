@@ -1,0 +1,45 @@
+# vballoon entry points. Each target installs what it needs when missing:
+# Debian packages through apt-get, Python dependencies through tox.
+
+MATRIX ?= standard
+PYTHON ?= python3
+PYTEST_ARGS ?=
+APT_PACKAGES := qemu-system-x86 qemu-utils cpio kmod gcc libc6-dev
+TOX := $(PYTHON) -m tox
+
+.PHONY: help deps test conformance bench lint image clean
+
+help:
+	@echo "make conformance [MATRIX=quick|standard|full]  run the conformance suites, write reports/junit.xml"
+	@echo "make test                                      run vballoon's own tests and the smoke tier"
+	@echo "make bench | lint | image | clean"
+
+deps:
+	@missing=""; \
+	for cmd in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils cpio:cpio depmod:kmod gcc:gcc; do \
+	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
+	done; \
+	dpkg -s libc6-dev >/dev/null 2>&1 || missing="$$missing libc6-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "vballoon: installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@$(TOX) --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q 'tox>=4'
+
+test: deps
+	$(TOX) -e py -- $(PYTEST_ARGS)
+
+conformance: deps
+	$(TOX) -e conformance -- --matrix $(MATRIX) $(PYTEST_ARGS)
+
+bench: deps
+	$(TOX) -e bench
+
+lint:
+	$(TOX) -e lint
+
+image: deps
+	$(TOX) -e image
+
+clean:
+	rm -rf .tox reports/logs reports/*.xml reports/*.json reports/*.md .coverage .pytest_cache

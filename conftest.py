@@ -1,0 +1,95 @@
+"""The vballoon pytest plugin: options, matrix parametrisation, requirement marks, JUnit properties.
+
+Options (see README): --qemu, --kernel, --modules, --accel, --matrix, --variant.
+A test that takes a `variant` argument runs once per variant of the chosen
+tier (or of the --variant names). A test names the spec statements it checks
+with `@pytest.mark.req("BAL-...")`; unknown IDs stop collection.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from vballoon.errors import VballoonError
+from vballoon.matrix import TIERS, Variant, tier
+from vballoon.requirements import check_marker_args
+from vballoon.session import Session
+
+pytest_plugins = ["fixtures.guest_vm"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vballoon")
+    group.addoption("--qemu", default=os.environ.get("VBALLOON_QEMU"),
+                    help="qemu-system-x86_64 to test (default: the one on PATH)")
+    group.addoption("--kernel", default=os.environ.get("VBALLOON_KERNEL"),
+                    help="guest bzImage to test (default: Debian's cloud kernel)")
+    group.addoption("--modules", default=os.environ.get("VBALLOON_MODULES"),
+                    help="modules_install tree or folder of .ko files replacing the Debian modules")
+    group.addoption("--accel", default=os.environ.get("VBALLOON_ACCEL", "auto"), choices=("auto", "kvm", "tcg"),
+                    help="accelerator: auto probes KVM and falls back to TCG")
+    group.addoption("--matrix", default=os.environ.get("VBALLOON_MATRIX", "quick"), choices=TIERS,
+                    help="variant tier: quick (3), standard (pairwise), full (every combination)")
+    group.addoption("--variant", action="append", default=[],
+                    help="run only this variant (repeatable), e.g. pci-modern+doom+fph")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "req(*ids): the spec requirement IDs a test checks")
+    config.addinivalue_line("markers", "guest: the test boots a QEMU guest")
+    # Ctrl-C and SIGTERM both unwind through fixture teardown, so QEMU is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "variant" not in metafunc.fixturenames:
+        return
+    names: list[str] = metafunc.config.getoption("--variant")
+    try:
+        variants = [Variant.from_name(n) for n in names] if names else list(tier(metafunc.config.getoption("--matrix")))
+    except VballoonError as error:
+        raise pytest.UsageError(str(error)) from None
+    metafunc.parametrize("variant", variants, ids=[v.name for v in variants], scope="function")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in item.iter_markers("req"):
+            try:
+                check_marker_args(mark.args)
+            except VballoonError as error:
+                raise pytest.UsageError(f"{item.nodeid}: {error}") from None
+
+
+@pytest.fixture(scope="session")
+def session(pytestconfig: pytest.Config) -> Session:
+    """The run's QEMU, kernel, modules and accelerator request, resolved once."""
+    try:
+        return Session.from_options(pytestconfig.getoption("--qemu"), pytestconfig.getoption("--accel"),
+                                    pytestconfig.getoption("--kernel"), pytestconfig.getoption("--modules"))
+    except VballoonError as error:
+        pytest.exit(str(error), returncode=4)
+
+
+@pytest.fixture(autouse=True)
+def _requirement_properties(request: pytest.FixtureRequest) -> None:
+    """Every JUnit testcase carries the requirement IDs it checks."""
+    ids = [i for mark in request.node.iter_markers("req") for i in mark.args]
+    if ids:
+        request.node.user_properties.append(("requirements", ",".join(dict.fromkeys(ids))))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Name the kept guest logs in the report of a failed test."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+    if report.failed:
+        for log_dir in getattr(item, "vballoon_log_dirs", []):
+            report.sections.append(("vballoon logs kept", f"{log_dir} (serial.log, qemu-stderr.log, "
+                                                          "qmp-transcript.jsonl, qemu-command-line.txt)"))
+

@@ -1,0 +1,69 @@
+"""Benchmarks: boot-to-SSH time and QEMU's memory after boot.
+
+Speed targets are checked here, not in timed tests: the numbers go to
+reports/bench-*.json with the QEMU, kernel and accelerator they were measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from vballoon.matrix import Variant
+from vballoon.qemu.machine import Machine
+from vballoon.session import Session
+
+BOOT_TARGET_S = 5.0  # issue target: median boot-to-SSH under TCG on a 2-core host
+
+
+def process_rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc/PID/smaps_rollup."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Rss line")
+
+
+def run_boot_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None,
+                       variant_name: str, boots: int, out: Path) -> dict[str, object]:
+    """Boot `boots` guests one after another; record boot-to-SSH seconds and QEMU RSS."""
+    session = Session.from_options(qemu, accel, kernel, modules)
+    variant = Variant.from_name(variant_name)
+    image = session.image_for(variant)
+    choice = session.accel(image)
+    seconds: list[float] = []
+    rss_mib: list[float] = []
+    for number in range(1, boots + 1):
+        with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as logs:
+            started = time.monotonic()
+            with Machine(variant, image, session.qemu, choice.accel, Path(logs)) as machine:
+                elapsed = time.monotonic() - started
+                machine.ssh.output("true")
+                rss = process_rss_kib(machine.pid) / 1024
+        seconds.append(round(elapsed, 3))
+        rss_mib.append(round(rss, 1))
+        print(f"boot {number}/{boots}: SSH after {elapsed:.2f} s, QEMU RSS {rss:.0f} MiB")
+    result: dict[str, object] = {
+        "benchmark": "boot-to-ssh",
+        "qemu": session.qemu.version_text,
+        "kernel": image.kernel_version,
+        "accelerator": choice.accel,
+        "variant": variant.name,
+        "boot_seconds": seconds,
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "stdev_s": round(statistics.stdev(seconds), 3) if len(seconds) > 1 else 0.0,
+        "qemu_rss_mib": rss_mib,
+        "median_rss_mib": statistics.median(rss_mib),
+        "target_median_s": BOOT_TARGET_S,
+        "meets_target": statistics.median(seconds) <= BOOT_TARGET_S,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"median boot-to-SSH {result['median_s']} s (target {BOOT_TARGET_S} s), "
+          f"spread {result['min_s']}-{result['max_s']} s, median QEMU RSS {result['median_rss_mib']} MiB -> {out}")
+    return result

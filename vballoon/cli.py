@@ -1,0 +1,110 @@
+"""The `vballoon` command: run the suites, build the guest image, report, benchmark.
+
+Errors a user can cause print one line (`vballoon: error: ...`) and exit 2;
+Ctrl-C stops every QEMU the command started and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from vballoon.errors import VballoonError
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--qemu", help="qemu-system-x86_64 to test (default: the one on PATH)")
+    parser.add_argument("--kernel", help="guest bzImage (default: Debian's cloud kernel)")
+    parser.add_argument("--modules", help="modules_install tree or folder of .ko files")
+    parser.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+
+
+def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
+    import pytest
+
+    return int(pytest.main(["suites", *rest]))
+
+
+def _cmd_image_build(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.guest.image import build_image
+
+    image = build_image(kernel_package=args.kernel_package, kernel=Path(args.kernel) if args.kernel else None,
+                        modules=Path(args.modules) if args.modules else None)
+    print(f"{'cache hit' if image.cache_hit else 'built'} {image.key}")
+    print(f"kernel  {image.kernel} ({image.kernel_version})")
+    print(f"initrd  {image.initrd}")
+    print(f"ssh key {image.ssh_key}")
+    print(f"modules {' '.join(image.modules) or '(built in)'}")
+    return 0
+
+
+def _cmd_report_requirements(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.report import run_requirements_report
+
+    text = run_requirements_report(Path(args.junit) if args.junit else None, Path(args.out),
+                                   [Path(r) for r in args.roots])
+    print(text)
+    return 0
+
+
+def _cmd_bench_boot(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.benchmarks import run_boot_benchmark
+
+    run_boot_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.variant, args.boots, Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vballoon", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the conformance suites (pytest options pass through)",
+                              add_help=False)
+    run.set_defaults(handler=_cmd_run)
+
+    image = commands.add_parser("image", help="the guest image").add_subparsers(dest="action", required=True)
+    build = image.add_parser("build", help="build (or find in the cache) the guest image")
+    build.add_argument("--kernel-package", default="linux-image-cloud-amd64",
+                       help="Debian kernel metapackage (linux-image-amd64 has CONFIG_PAGE_POISONING)")
+    build.add_argument("--kernel", help="your bzImage instead of a Debian kernel")
+    build.add_argument("--modules", help="modules_install tree or folder of .ko files")
+    build.set_defaults(handler=_cmd_image_build)
+
+    report = commands.add_parser("report", help="reports").add_subparsers(dest="action", required=True)
+    requirements = report.add_parser("requirements", help="requirement coverage, written to reports/requirements.md")
+    requirements.add_argument("--junit", help="JUnit XML of a run, to show each test's latest result")
+    requirements.add_argument("--out", default="reports/requirements.md")
+    requirements.add_argument("--roots", nargs="*", default=["suites"], help="test trees to scan for req marks")
+    requirements.set_defaults(handler=_cmd_report_requirements)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
+    boot = bench.add_parser("boot", help="boot-to-SSH time and QEMU RSS, written to reports/bench-boot.json")
+    _add_target_options(boot)
+    boot.add_argument("--variant", default="pci-modern")
+    boot.add_argument("--boots", type=int, default=5)
+    boot.add_argument("--out", default="reports/bench-boot.json")
+    boot.set_defaults(handler=_cmd_bench_boot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return int(args.handler(args, rest))
+    except VballoonError as error:
+        print(f"vballoon: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vballoon: interrupted; QEMU processes stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
