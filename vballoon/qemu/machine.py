@@ -87,7 +87,7 @@ class MachineLogs:
         return f"serial log {self.serial}, QEMU stderr {self.stderr}, QMP transcript {self.qmp}"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: QEMU gets SIGKILL when vballoon dies."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -175,7 +175,7 @@ class Machine:
         with self.logs.stderr.open("ab") as stderr:
             self.process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                preexec_fn=_die_with_parent, start_new_session=True,
+                preexec_fn=die_with_parent, start_new_session=True,
             )
         try:
             self.qmp.accept(timeout=30)
