@@ -221,7 +221,7 @@ def _split_tokens(name: str) -> list[str]:
 
 # --- tiers ---------------------------------------------------------------
 
-_DIMENSIONS: dict[str, tuple[object, ...]] = {
+DIMENSIONS: dict[str, tuple[object, ...]] = {
     "transport": TRANSPORTS,
     "deflate_on_oom": (False, True),
     "free_page_hint": (False, True),
@@ -244,22 +244,32 @@ QUICK = (
 
 
 def standard() -> tuple[Variant, ...]:
-    """A pairwise covering array over every dimension, invalid pairs excluded."""
-    names = list(_DIMENSIONS)
+    """A pairwise covering array over every dimension, invalid pairs excluded.
 
-    defaults = {name: values[0] for name, values in _DIMENSIONS.items()}
+    allpairspy's filter can leave a valid pair uncovered; each such pair gets
+    one more variant (defaults plus the pair), so every valid pair is covered.
+    """
+    names = list(DIMENSIONS)
+    defaults = {name: values[0] for name, values in DIMENSIONS.items()}
 
     def allowed(partial_row: list[object]) -> bool:
         return combination_problem({**defaults, **dict(zip(names, partial_row))}) is None
 
-    rows = AllPairs([list(values) for values in _DIMENSIONS.values()], filter_func=allowed)
-    return tuple(Variant(**dict(zip(names, row))) for row in rows)  # type: ignore[arg-type]
+    rows = [dict(zip(names, row)) for row in
+            AllPairs([list(values) for values in DIMENSIONS.values()], filter_func=allowed)]
+    for (a, values_a), (b, values_b) in itertools.combinations(DIMENSIONS.items(), 2):
+        for value_a, value_b in itertools.product(values_a, values_b):
+            pair = {**defaults, a: value_a, b: value_b}
+            covered = any(row[a] == value_a and row[b] == value_b for row in rows)
+            if not covered and combination_problem(pair) is None:
+                rows.append(pair)
+    return tuple(Variant(**row) for row in rows)  # type: ignore[arg-type]
 
 
 def full() -> Iterator[Variant]:
     """Every valid combination."""
-    names = list(_DIMENSIONS)
-    for row in itertools.product(*_DIMENSIONS.values()):
+    names = list(DIMENSIONS)
+    for row in itertools.product(*DIMENSIONS.values()):
         settings = dict(zip(names, row))
         if combination_problem(settings) is None:
             yield Variant(**settings)  # type: ignore[arg-type]

@@ -1,0 +1,93 @@
+"""The variant matrix: names round-trip, tiers cover what they claim, the negotiation oracle follows Linux 6.1."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vballoon import matrix
+from vballoon.errors import UsageError
+from vballoon.matrix import (F_DEFLATE_ON_OOM, F_INDIRECT_DESC, F_PAGE_POISON, F_REPORTING, F_STATS_VQ,
+                             F_VERSION_1, Variant)
+
+
+def test_every_full_variant_name_round_trips() -> None:
+    variants = matrix.tier("full")
+    names = [v.name for v in variants]
+    assert len(set(names)) == len(names), "two variants share a name"
+    for variant in variants:
+        assert Variant.from_name(variant.name) == variant, f"{variant.name} does not parse back to itself"
+
+
+def test_full_tier_is_every_valid_combination() -> None:
+    # 3 transports x 2^7 switches x 4 backends x 3 boots, minus legacy+packed (1 x 2^6 x 4 x 3).
+    expected = 3 * 2**7 * 4 * 3 - 2**6 * 4 * 3
+    assert len(matrix.tier("full")) == expected, f"full tier: expected {expected} variants"
+
+
+def test_standard_tier_covers_every_valid_pair() -> None:
+    dims = {name: values for name, values in matrix.DIMENSIONS.items()}
+    variants = matrix.tier("standard")
+    seen = {(a, getattr(v, a), b, getattr(v, b)) for v in variants for a, b in itertools.combinations(dims, 2)}
+    defaults = {name: values[0] for name, values in dims.items()}
+    missing = []
+    for a, b in itertools.combinations(dims, 2):
+        for va, vb in itertools.product(dims[a], dims[b]):
+            if matrix.combination_problem({**defaults, a: va, b: vb}) is None and (a, va, b, vb) not in seen:
+                missing.append((a, va, b, vb))
+    assert not missing, f"standard tier misses pairs: {missing[:5]}"
+    assert len(variants) < 30, f"standard tier has {len(variants)} variants; pairwise should need far fewer"
+
+
+def test_quick_tier_is_small_and_spans_transports() -> None:
+    quick = matrix.tier("quick")
+    assert len(quick) == 3
+    assert {v.transport for v in quick} == {"modern", "transitional", "legacy"}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("pci-modern+bogus", "unknown part '+bogus'"),
+    ("mmio", "must start with one of"),
+    ("pci-legacy+packed", "packed ring needs VIRTIO_F_VERSION_1"),
+])
+def test_bad_variant_names_give_one_line_naming_the_option(name: str, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        Variant.from_name(name)
+    text = str(caught.value)
+    assert text.startswith(f"--variant {name}") and message in text and "\n" not in text, text
+
+
+def test_unknown_tier_names_the_option() -> None:
+    with pytest.raises(UsageError, match="--matrix huge"):
+        matrix.tier("huge")
+
+
+@pytest.mark.req("BAL-DRV-FEAT-POISON")
+def test_linux_clears_page_poison_without_poisoning() -> None:
+    accepted = Variant(page_poison=True).accepted_features()
+    assert F_PAGE_POISON not in accepted, "PAGE_POISON must be cleared when the guest neither poisons nor inits on free"
+    assert F_PAGE_POISON in Variant(guest_boot="iof").accepted_features()
+    assert F_PAGE_POISON in Variant(guest_boot="pgpoison").accepted_features()
+
+
+@pytest.mark.req("BAL-DRV-FEAT-REPORT")
+def test_linux_clears_reporting_when_it_poisons_without_page_poison() -> None:
+    poisoning = Variant(free_page_reporting=True, page_poison=False, guest_boot="iof")
+    assert F_REPORTING not in poisoning.accepted_features()
+    not_poisoning = Variant(free_page_reporting=True, page_poison=False)
+    assert F_REPORTING in not_poisoning.accepted_features()
+
+
+def test_offer_follows_properties_and_transport() -> None:
+    offered = Variant(deflate_on_oom=True, transport="legacy", indirect_desc=False).offered_features()
+    assert {F_STATS_VQ, F_DEFLATE_ON_OOM, F_PAGE_POISON} <= offered
+    assert F_VERSION_1 not in offered and F_INDIRECT_DESC not in offered
+    assert F_INDIRECT_DESC not in Variant().accepted_features(), "Linux's balloon always clears INDIRECT_DESC"
+
+
+def test_device_properties_attach_iothread_for_hinting() -> None:
+    props = Variant(free_page_hint=True, transport="modern").device_properties()
+    assert props["iothread"] == "iothread0" and props["free-page-hint"] == "on"
+    assert props["disable-legacy"] == "on" and props["disable-modern"] == "off"
+    assert "iothread" not in Variant().device_properties()
