@@ -1,0 +1,267 @@
+"""Requirement coverage: which tests check which normative statement, and how they did.
+
+Tests are found statically: the `@pytest.mark.req("ID", ...)` marks on test
+functions and classes (a class mark applies to its methods) and module or
+class `pytestmark = pytest.mark.req(...)` assignments, read with `ast` so the
+report needs neither QEMU nor a guest. Results come from a pytest `--junitxml`
+file; a testcase's `requirements` property, when present, takes precedence
+over the static marks.
+
+A test is named like pytest's JUnit output names it, `classname::function`,
+e.g. `suites.guest.test_boot.TestBoot::test_boot`; parametrised cases
+(`test_boot[pci-modern]`) count towards their function.
+"""
+
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from vballoon.errors import UsageError
+from vballoon.requirements import Requirement, catalogue, check_marker_args, unknown_ids
+
+DEFAULT_REPORT = Path("reports/requirements.md")
+DEFAULT_ROOTS = (Path("suites"),)
+NOT_RUN = "not run"
+# Worst last: a requirement takes the worst result of its tests. A skip only
+# shows when nothing else ran, since it carries no verdict.
+OUTCOMES = (NOT_RUN, "skipped", "passed", "failed", "error")
+REQUIREMENTS_PROPERTY = "requirements"
+
+
+def worst(outcomes: Iterable[str]) -> str:
+    """The worst of `outcomes` in the order of OUTCOMES; NOT_RUN for none."""
+    return max(outcomes, key=OUTCOMES.index, default=NOT_RUN)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One `<testcase>` of a JUnit file."""
+
+    case: str
+    test: str
+    outcome: str
+    requirements: tuple[str, ...] | None
+
+
+@dataclass
+class Coverage:
+    """Tests per requirement and the results of those tests."""
+
+    requirements: dict[str, Requirement]
+    tests: dict[str, tuple[str, ...]]
+    results: dict[str, str] = field(default_factory=dict)
+
+    def tests_for(self, req_id: str) -> list[str]:
+        """The tests that name `req_id`, in discovery order."""
+        return [test for test, ids in self.tests.items() if req_id in ids]
+
+    def result_for(self, req_id: str) -> str:
+        """Worst result of the tests naming `req_id`, or NOT_RUN."""
+        return worst(self.results.get(test, NOT_RUN) for test in self.tests_for(req_id))
+
+    @property
+    def testable(self) -> list[Requirement]:
+        """Requirements vballoon can check against QEMU/Linux."""
+        return [req for req in self.requirements.values() if req.is_testable]
+
+    @property
+    def covered(self) -> list[Requirement]:
+        """Testable requirements named by at least one test."""
+        named = {req_id for ids in self.tests.values() for req_id in ids}
+        return [req for req in self.testable if req.id in named]
+
+
+def _mark_ids(node: ast.expr, where: str) -> list[str]:
+    """The IDs of a `pytest.mark.req(...)` expression; [] for any other mark."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "req" and isinstance(node.func.value, ast.Attribute)
+            and node.func.value.attr == "mark"):
+        return []
+    location = f"{where}:{node.lineno}"
+    if node.keywords or not all(isinstance(arg, ast.Constant) for arg in node.args):
+        raise UsageError(f"{location}: @pytest.mark.req takes string literals only")
+    try:
+        return check_marker_args(arg.value for arg in node.args)  # type: ignore[attr-defined]
+    except UsageError as err:
+        raise UsageError(f"{location}: {err}") from None
+
+
+def _pytestmark_ids(body: list[ast.stmt], where: str) -> list[str]:
+    """IDs from `pytestmark = <mark>` or `pytestmark = [<mark>, ...]` in `body`."""
+    ids: list[str] = []
+    for stmt in body:
+        if isinstance(stmt, ast.Assign) and any(
+                isinstance(target, ast.Name) and target.id == "pytestmark"
+                for target in stmt.targets):
+            marks = stmt.value.elts if isinstance(stmt.value, (ast.List, ast.Tuple)) else [stmt.value]
+            for mark in marks:
+                ids += _mark_ids(mark, where)
+    return ids
+
+
+def _decorator_ids(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef,
+                   where: str) -> list[str]:
+    return [req_id for deco in node.decorator_list for req_id in _mark_ids(deco, where)]
+
+
+def _collect(body: list[ast.stmt], prefix: str, inherited: list[str], where: str,
+             found: dict[str, tuple[str, ...]]) -> None:
+    """Record every test function in `body` (recursing into Test classes)."""
+    marks = inherited + _pytestmark_ids(body, where)
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
+            ids = marks + _decorator_ids(node, where)
+            found[f"{prefix}::{node.name}"] = tuple(dict.fromkeys(ids))
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            _collect(node.body, f"{prefix}.{node.name}", marks + _decorator_ids(node, where),
+                     where, found)
+
+
+def _module_name(path: Path, root: Path, rootdir: Path) -> str:
+    """Dotted module name as pytest's JUnit classname spells it."""
+    try:
+        relative = path.relative_to(rootdir)
+    except ValueError:
+        relative = path.relative_to(root.parent)
+    return ".".join(relative.with_suffix("").parts)
+
+
+def _test_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise UsageError(f"{root}: test directory not found")
+    return sorted({*root.rglob("test_*.py"), *root.rglob("*_test.py")})
+
+
+def marked_tests(roots: Iterable[Path], rootdir: Path) -> dict[str, tuple[str, ...]]:
+    """Every test function under `roots` with the requirement IDs its marks name."""
+    found: dict[str, tuple[str, ...]] = {}
+    for root in roots:
+        root = root.resolve()
+        for path in _test_files(root):
+            where = str(path)
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"), filename=where)
+            except SyntaxError as err:
+                raise UsageError(f"{where}:{err.lineno}: cannot parse: {err.msg}") from None
+            _collect(tree.body, _module_name(path, root, rootdir.resolve()), [], where, found)
+    return found
+
+
+def _outcome(case: ET.Element) -> str:
+    tags = {child.tag for child in case}
+    if "error" in tags:
+        return "error"
+    if "failure" in tags:
+        return "failed"
+    if "skipped" in tags:
+        return "skipped"
+    return "passed"
+
+
+def _property_ids(case: ET.Element, junit: Path) -> tuple[str, ...] | None:
+    """The IDs of the testcase's `requirements` property, or None without one."""
+    for prop in case.iterfind("properties/property"):
+        if prop.get("name") == REQUIREMENTS_PROPERTY:
+            ids = tuple(part.strip() for part in prop.get("value", "").split(",") if part.strip())
+            unknown = unknown_ids(ids)
+            if unknown:
+                raise UsageError(f"{junit}: unknown requirement ID {unknown[0]!r} in the "
+                                 f"{REQUIREMENTS_PROPERTY} property of {case.get('name')!r}")
+            return ids
+    return None
+
+
+def read_junit(junit: Path) -> list[CaseResult]:
+    """The testcases of a pytest JUnit XML file, in file order."""
+    try:
+        root = ET.parse(junit).getroot()
+    except FileNotFoundError:
+        raise UsageError(f"{junit}: JUnit file not found") from None
+    except (ET.ParseError, OSError) as err:
+        raise UsageError(f"{junit}: not a readable JUnit XML file ({err})") from None
+    if root.tag not in ("testsuites", "testsuite"):
+        raise UsageError(f"{junit}: not a JUnit XML file (root element <{root.tag}>)")
+    results = []
+    for case in root.iter("testcase"):
+        name = case.get("name", "")
+        function = name.split("[", 1)[0] if name.endswith("]") else name
+        classname = case.get("classname", "")
+        results.append(CaseResult(case=f"{classname}::{name}", test=f"{classname}::{function}",
+                                  outcome=_outcome(case),
+                                  requirements=_property_ids(case, junit)))
+    return results
+
+
+def _apply_junit(coverage: Coverage, cases: list[CaseResult]) -> None:
+    """Attach results; property IDs replace the static marks of their test.
+
+    A testcase that appears more than once (a rerun) counts with its last
+    occurrence; a test's result is the worst of its parametrised cases.
+    """
+    latest = {case.case: case for case in cases}
+    outcomes: dict[str, list[str]] = {}
+    from_properties: dict[str, list[str]] = {}
+    for case in latest.values():
+        outcomes.setdefault(case.test, []).append(case.outcome)
+        if case.requirements is not None:
+            from_properties.setdefault(case.test, []).extend(case.requirements)
+    for test, ids in from_properties.items():
+        coverage.tests[test] = tuple(dict.fromkeys(ids))
+    coverage.results = {test: worst(results) for test, results in outcomes.items()}
+
+
+def requirement_coverage(test_roots: list[Path], junit: Path | None,
+                         rootdir: Path | None = None) -> Coverage:
+    """Coverage of the catalogue by the tests under `test_roots`, with `junit` results.
+
+    Module names are taken relative to `rootdir` (default: the current
+    directory, pytest's rootdir for this project).
+    """
+    coverage = Coverage(requirements=catalogue(),
+                        tests=marked_tests(test_roots, rootdir or Path.cwd()))
+    if junit is not None:
+        _apply_junit(coverage, read_junit(junit))
+    return coverage
+
+
+def render_markdown(cov: Coverage) -> str:
+    """The coverage report: counts first, then one table row per requirement."""
+    counts = {outcome: 0 for outcome in reversed(OUTCOMES)}
+    for req_id in cov.requirements:
+        counts[cov.result_for(req_id)] += 1
+    lines = [
+        "# Requirement coverage",
+        "",
+        f"Statements covered: {len(cov.covered)} / {len(cov.testable)} testable "
+        f"/ {len(cov.requirements)} total",
+        "",
+        "Results: " + ", ".join(f"{outcome} {count}" for outcome, count in counts.items()),
+        "",
+        "| ID | binds | level | testable | tests | result |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for req in cov.requirements.values():
+        tests = "<br>".join(f"`{test}`" for test in cov.tests_for(req.id)) or "-"
+        lines.append(f"| {req.id} | {req.binds} | {req.level} | {req.testable} "
+                     f"| {tests} | {cov.result_for(req.id)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_requirements_report(cov: Coverage, out: Path = DEFAULT_REPORT) -> str:
+    """Render `cov` to `out` (parents created) and return the markdown."""
+    text = render_markdown(cov)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"{out}: cannot write the report ({err.strerror})") from None
+    return text
+
+
+def run_requirements_report(junit: Path | None, out: Path, roots: list[Path]) -> str:
+    """`vballoon report requirements`: compute coverage, write `out`, return the text."""
+    return write_requirements_report(requirement_coverage(roots or list(DEFAULT_ROOTS), junit), out)
