@@ -75,17 +75,22 @@ class Coverage:
         return [req for req in self.testable if req.id in named]
 
 
+def _is_mark_namespace(node: ast.expr) -> bool:
+    """`pytest.mark` (or `mark` after `from pytest import mark`)."""
+    return ((isinstance(node, ast.Attribute) and node.attr == "mark")
+            or (isinstance(node, ast.Name) and node.id == "mark"))
+
+
 def _mark_ids(node: ast.expr, where: str) -> list[str]:
     """The IDs of a `pytest.mark.req(...)` expression; [] for any other mark."""
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "req" and isinstance(node.func.value, ast.Attribute)
-            and node.func.value.attr == "mark"):
+            and node.func.attr == "req" and _is_mark_namespace(node.func.value)):
         return []
     location = f"{where}:{node.lineno}"
     if node.keywords or not all(isinstance(arg, ast.Constant) for arg in node.args):
         raise UsageError(f"{location}: @pytest.mark.req takes string literals only")
     try:
-        return check_marker_args(arg.value for arg in node.args)  # type: ignore[attr-defined]
+        return check_marker_args([arg.value for arg in node.args if isinstance(arg, ast.Constant)])
     except UsageError as err:
         raise UsageError(f"{location}: {err}") from None
 
