@@ -1,0 +1,295 @@
+"""QEMU's qtest line protocol: port I/O, guest memory, IRQ lines and virtual time from the host.
+
+QEMU connects to a unix socket we listen on (`-qtest unix:PATH`); each
+request is one text line and each answer one line starting with `OK`,
+`FAIL` or `ERR`. Lines `IRQ raise N` / `IRQ lower N` arrive at any time once
+`irq_intercept_in` is on; they are folded into `irq_levels`.
+
+Every round trip has a deadline. When QEMU stops answering or closes the
+socket the caller gets a `QemuError` whose text comes from `on_failure`
+(the launcher says how QEMU ended and where its logs are).
+
+`QtestClient` implements the `Memory` protocol of `vballoon.virtqueue`
+(`read(addr, n)`, `write(addr, data)`), so rings and buffers in guest RAM are
+built by the same code the reference device parses.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+from vballoon.errors import QemuError
+from vballoon.waiting import wait_for
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class QtestCommandError(QemuError):
+    """QEMU answered a qtest request with FAIL or ERR."""
+
+
+@functools.cache
+def has_qtest_accelerator(qemu_path: Path) -> bool:
+    """Whether `qemu_path -accel help` lists `qtest` (Debian's 7.2 does not)."""
+    try:
+        listing = subprocess.run([str(qemu_path), "-accel", "help"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise QemuError(f"{qemu_path} -accel help failed ({error})") from None
+    return "qtest" in listing.split()
+
+
+class QtestClient:
+    """One qtest connection; its methods mirror the protocol's commands."""
+
+    def __init__(self, connection: socket.socket, on_failure: Callable[[], str], *,
+                 clock_step_supported: bool, timeout: float = DEFAULT_TIMEOUT,
+                 transcript: TextIO | None = None) -> None:
+        self._socket = connection
+        self._on_failure = on_failure
+        self._received = bytearray()
+        self._unsent: list[str] = []
+        self._pipeline_depth = 0
+        self._transcript = transcript
+        self.timeout = timeout
+        self.clock_step_supported = clock_step_supported
+        self.irq_levels: dict[int, bool] = {}
+        self.base64 = self._probe_base64()
+
+    def close(self) -> None:
+        self._socket.close()
+        if self._transcript is not None:
+            self._transcript.close()
+
+    # --- the round trip ----------------------------------------------------
+
+    def command(self, line: str) -> str:
+        """Send one raw request line and return the text after `OK`; FAIL/ERR raise QtestCommandError."""
+        return self._execute(line, reply_needed=True)
+
+    @contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Within the block, requests without a result are sent together with the next read or at the end."""
+        self._pipeline_depth += 1
+        try:
+            yield
+        finally:
+            self._pipeline_depth -= 1
+        if self._pipeline_depth == 0 and self._unsent:
+            self._round_trip([])
+
+    def _execute(self, line: str, reply_needed: bool) -> str:
+        if self._pipeline_depth and not reply_needed:
+            self._unsent.append(line)
+            return ""
+        return self._round_trip([line])[-1]
+
+    def _round_trip(self, lines: list[str]) -> list[str]:
+        batch, self._unsent = self._unsent + lines, []
+        payload = "".join(f"{line}\n" for line in batch)
+        if self._transcript is not None:
+            self._transcript.write(payload)
+        try:
+            self._socket.sendall(payload.encode("ascii"))
+        except OSError as error:
+            raise QemuError(f"qtest: cannot send {_short(batch[0])!r} ({error}); {self._on_failure()}") from None
+        deadline = time.monotonic() + self.timeout
+        return [self._check(request, self._reply_line(request, deadline)) for request in batch]
+
+    @staticmethod
+    def _check(request: str, reply: str) -> str:
+        if reply == "OK" or reply.startswith("OK "):
+            return reply[3:]
+        raise QtestCommandError(f"qtest {_short(request)!r}: QEMU answered {reply!r}")
+
+    def _reply_line(self, request: str, deadline: float) -> str:
+        """The next answer line; IRQ notifications met on the way update `irq_levels`."""
+        while True:
+            line = self._next_line(request, deadline)
+            if not self._note_irq(line):
+                return line
+
+    def _next_line(self, request: str, deadline: float | None) -> str:
+        """One line from QEMU; with deadline None, '' when none is ready right now."""
+        while b"\n" not in self._received:
+            remaining = 0.0 if deadline is None else deadline - time.monotonic()
+            if deadline is not None and remaining <= 0:
+                raise QemuError(f"qtest: QEMU did not answer {_short(request)!r} within {self.timeout:g} s; "
+                                f"{self._on_failure()}")
+            self._socket.settimeout(remaining if deadline is not None else 0.0)
+            try:
+                chunk = self._socket.recv(65536)
+            except (socket.timeout, BlockingIOError):
+                if deadline is None:
+                    return ""
+                continue
+            except OSError as error:
+                raise QemuError(f"qtest: connection lost during {_short(request)!r} ({error}); "
+                                f"{self._on_failure()}") from None
+            if not chunk:
+                raise QemuError(f"qtest: QEMU closed the connection during {_short(request)!r}; "
+                                f"{self._on_failure()}")
+            self._received += chunk
+        end = self._received.index(b"\n")
+        line = self._received[:end].decode("ascii", errors="replace")
+        del self._received[: end + 1]
+        return line
+
+    def _note_irq(self, line: str) -> bool:
+        words = line.split()
+        if len(words) == 3 and words[0] == "IRQ" and words[1] in ("raise", "lower"):
+            self.irq_levels[int(words[2])] = words[1] == "raise"
+            return True
+        return False
+
+    # --- port I/O ------------------------------------------------------------
+
+    def outb(self, port: int, value: int) -> None:
+        self._execute(f"outb {port:#x} {value:#x}", reply_needed=False)
+
+    def outw(self, port: int, value: int) -> None:
+        self._execute(f"outw {port:#x} {value:#x}", reply_needed=False)
+
+    def outl(self, port: int, value: int) -> None:
+        self._execute(f"outl {port:#x} {value:#x}", reply_needed=False)
+
+    def inb(self, port: int) -> int:
+        return int(self.command(f"inb {port:#x}"), 16)
+
+    def inw(self, port: int) -> int:
+        return int(self.command(f"inw {port:#x}"), 16)
+
+    def inl(self, port: int) -> int:
+        return int(self.command(f"inl {port:#x}"), 16)
+
+    def port_in(self, port: int, width: int) -> int:
+        """`inb`/`inw`/`inl` chosen by width in bytes (1, 2, 4)."""
+        return int(self.command(f"in{_suffix(width, 4)} {port:#x}"), 16)
+
+    def port_out(self, port: int, width: int, value: int) -> None:
+        """`outb`/`outw`/`outl` chosen by width in bytes (1, 2, 4)."""
+        self._execute(f"out{_suffix(width, 4)} {port:#x} {value:#x}", reply_needed=False)
+
+    # --- guest-physical memory ------------------------------------------------
+
+    def readb(self, addr: int) -> int:
+        return self.read_int(addr, 1)
+
+    def readw(self, addr: int) -> int:
+        return self.read_int(addr, 2)
+
+    def readl(self, addr: int) -> int:
+        return self.read_int(addr, 4)
+
+    def readq(self, addr: int) -> int:
+        return self.read_int(addr, 8)
+
+    def writeb(self, addr: int, value: int) -> None:
+        self.write_int(addr, 1, value)
+
+    def writew(self, addr: int, value: int) -> None:
+        self.write_int(addr, 2, value)
+
+    def writel(self, addr: int, value: int) -> None:
+        self.write_int(addr, 4, value)
+
+    def writeq(self, addr: int, value: int) -> None:
+        self.write_int(addr, 8, value)
+
+    def read_int(self, addr: int, width: int) -> int:
+        """One access of `width` bytes (1, 2, 4, 8), target byte order."""
+        return int(self.command(f"read{_suffix(width, 8)} {addr:#x}"), 16)
+
+    def write_int(self, addr: int, width: int, value: int) -> None:
+        """One access of `width` bytes (1, 2, 4, 8), target byte order."""
+        self._execute(f"write{_suffix(width, 8)} {addr:#x} {value:#x}", reply_needed=False)
+
+    def read(self, addr: int, n: int) -> bytes:
+        """`n` bytes of guest memory (b64read when the binary has it)."""
+        if n == 0:
+            return b""  # QEMU asserts on a zero-length read
+        if self.base64:
+            return base64.b64decode(self.command(f"b64read {addr:#x} {n:#x}"))
+        return bytes.fromhex(self.command(f"read {addr:#x} {n:#x}").removeprefix("0x"))
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Write `data` to guest memory (b64write when the binary has it)."""
+        if not data:
+            return  # QEMU refuses an empty payload
+        if self.base64:
+            line = f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}"
+        else:
+            line = f"write {addr:#x} {len(data):#x} 0x{data.hex()}"
+        self._execute(line, reply_needed=False)
+
+    def memset(self, addr: int, n: int, byte: int) -> None:
+        self._execute(f"memset {addr:#x} {n:#x} {byte:#x}", reply_needed=False)
+
+    def _probe_base64(self) -> bool:
+        try:
+            self.command("b64read 0x0 0x1")
+        except QtestCommandError:
+            return False
+        return True
+
+    # --- interrupts and time -----------------------------------------------------
+
+    def irq_intercept_in(self, qom_path: str) -> None:
+        """Report the input IRQ lines of `qom_path` (e.g. "ioapic") as IRQ raise/lower lines."""
+        self.command(f"irq_intercept_in {qom_path}")
+
+    def poll_irqs(self) -> dict[int, bool]:
+        """Take in IRQ notifications that have already arrived; the current `irq_levels`."""
+        if self._unsent:
+            self._round_trip([])
+        while self._received or self._ready():
+            line = self._next_line("(waiting for IRQ lines)", None)
+            if not line:
+                break
+            if not self._note_irq(line):
+                raise QemuError(f"qtest: unexpected line {line!r} while no request was pending")
+        return dict(self.irq_levels)
+
+    def _ready(self) -> bool:
+        self._socket.settimeout(0.0)
+        try:
+            return bool(self._socket.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, socket.timeout):
+            return False
+        except OSError:
+            return True  # let _next_line report the failure
+
+    def wait_irq(self, line: int, raised: bool, timeout: float) -> None:
+        """Wait until IRQ `line` is raised (or lowered)."""
+        state = "raised" if raised else "lowered"
+        wait_for(lambda: self.poll_irqs().get(line, False) == raised, timeout, f"IRQ {line} to be {state}",
+                 describe_last=lambda: f"IRQ levels {self.irq_levels}")
+
+    def clock_step(self, ns: int | None = None) -> int:
+        """Advance virtual time by `ns` (default: to the next timer); the new clock in ns.
+
+        Only under `-accel qtest`; under TCG virtual time runs by itself once
+        the machine is continued.
+        """
+        if not self.clock_step_supported:
+            raise QemuError("qtest clock_step needs -accel qtest, which this QEMU does not have; "
+                            "virtual time runs by itself here, wait for the effect with a deadline")
+        return int(self.command("clock_step" if ns is None else f"clock_step {ns}"))
+
+
+def _suffix(width: int, widest: int) -> str:
+    suffixes = {1: "b", 2: "w", 4: "l", 8: "q"}
+    if width not in suffixes or width > widest:
+        raise ValueError(f"access width {width}: use one of {[w for w in suffixes if w <= widest]}")
+    return suffixes[width]
+
+
+def _short(line: str) -> str:
+    return line if len(line) <= 80 else line[:77] + "..."
