@@ -1,0 +1,139 @@
+"""A minimal in-memory balloon driver for the reference device.
+
+It does what a virtio-pci driver does through registers: negotiates
+features, lays out rings in guest RAM with `vballoon.virtqueue`, writes
+buffers there, publishes them and notifies.  Tests, fuzzers and the
+reference side of a transport use it to reach the device exactly as a
+guest would.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from vballoon.errors import UsageError
+from vballoon.reference.device import FREE_PAGE_VQ, REPORTING_VQ, STATSQ, BalloonDevice
+from vballoon.spec import (
+    BALLOON_FEATURES,
+    PAGE_SIZE,
+    PFN_SHIFT,
+    ConfigField,
+    Feature,
+    Status,
+    encode_cmd_id,
+    encode_pfns,
+    encode_stats,
+    feature_mask,
+    has_feature,
+)
+from vballoon.virtqueue import Buffer, SplitDriverQueue, SplitLayout, UsedElement
+
+DRIVER_REGION = 2 << 20
+"""Bytes at the top of RAM the driver keeps for rings and buffers."""
+_SCRATCH_ALIGN = 64
+
+
+class ReferenceDriver:
+    """Drives a `BalloonDevice` over split rings kept in the top `DRIVER_REGION` of its RAM."""
+
+    def __init__(self, device: BalloonDevice) -> None:
+        self.device = device
+        self.region_start = device.ram.size - DRIVER_REGION
+        if self.region_start < 0:
+            raise UsageError(f"RAM of {device.ram.size} bytes is smaller than the driver region of {DRIVER_REGION}")
+        self.queues: dict[str, SplitDriverQueue] = {}
+        self._next_ring = self.region_start
+        self._scratch_start = self.region_start + DRIVER_REGION // 2
+        self._next_scratch = self._scratch_start
+
+    @property
+    def first_driver_pfn(self) -> int:
+        """Pages from here up hold rings and buffers; tests balloon pages below it."""
+        return self.region_start >> PFN_SHIFT
+
+    def negotiate(self, features: int | None = None, *, poison_val: int | None = None) -> bool:
+        """Run the init sequence; True if FEATURES_OK stuck and DRIVER_OK is set.
+
+        By default accepts every offered balloon and ring feature except
+        MUST_TELL_HOST.  `poison_val` is written before DRIVER_OK
+        (BAL-DRV-PP-2) when PAGE_POISON is accepted.
+        """
+        device = self.device
+        device.write_status(0)
+        device.write_status(Status.ACKNOWLEDGE)
+        device.write_status(Status.ACKNOWLEDGE | Status.DRIVER)
+        if features is None:
+            wanted = feature_mask(*BALLOON_FEATURES[1:], Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1)
+            features = device.offered_features & wanted
+        device.write_driver_features(features)
+        status = Status.ACKNOWLEDGE | Status.DRIVER
+        if has_feature(features, Feature.VERSION_1):  # legacy devices have no FEATURES_OK
+            device.write_status(status | Status.FEATURES_OK)
+            if not device.status & Status.FEATURES_OK:
+                return False
+            status |= Status.FEATURES_OK
+        self.queues = {}
+        self._next_ring = self.region_start
+        modern = has_feature(features, Feature.VERSION_1)
+        for index, queue in enumerate(device.queues):
+            if modern:
+                layout = SplitLayout.modern(queue.size, self._next_ring)
+                device.set_queue_rings(index, layout.desc, layout.avail, layout.used)
+            else:
+                layout = SplitLayout.legacy(queue.size, -(-self._next_ring // PAGE_SIZE) * PAGE_SIZE)
+                device.set_queue_pfn(index, layout.desc >> PFN_SHIFT)
+            self._next_ring = layout.used + SplitLayout.used_bytes(queue.size)
+            self.queues[queue.name] = SplitDriverQueue(
+                device.ram, layout, event_idx=has_feature(features, Feature.EVENT_IDX), endian=device.endian
+            )
+        if poison_val is not None and has_feature(features, Feature.PAGE_POISON):
+            device.write_config(ConfigField.POISON_VAL, 4, poison_val)
+        device.write_status(status | Status.DRIVER_OK)
+        return True
+
+    def _scratch(self, length: int) -> int:
+        """Address of `length` free bytes in the circular buffer area."""
+        if self._next_scratch + length > self.device.ram.size:
+            self._next_scratch = self._scratch_start
+        addr = self._next_scratch
+        self._next_scratch += -(-length // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        return addr
+
+    def send(self, queue: str, out: bytes = b"", in_: Sequence[Buffer] = (), *, indirect: bool = False) -> int:
+        """Put `out` in guest RAM, make one chain of it and `in_`, publish, notify if needed."""
+        ring = self.queues[queue]
+        out_buffers = []
+        if out:
+            addr = self._scratch(len(out))
+            self.device.ram.write(addr, out)
+            out_buffers.append(Buffer(addr, len(out)))
+        table = self._scratch(16 * (len(out_buffers) + len(in_))) if indirect else None
+        head = ring.add_and_publish(out_buffers, in_, indirect_table=table)
+        if ring.should_notify():
+            self.device.notify(self.device.queue_index(queue))
+        return head
+
+    def collect(self, queue: str) -> list[UsedElement]:
+        return self.queues[queue].collect_used()
+
+    def inflate(self, pfns: Iterable[int], *, indirect: bool = False) -> int:
+        return self.send("inflateq", encode_pfns(pfns, self.device.endian), indirect=indirect)
+
+    def deflate(self, pfns: Iterable[int]) -> int:
+        return self.send("deflateq", encode_pfns(pfns, self.device.endian))
+
+    def set_actual(self, pages: int) -> None:
+        """Report the balloon size in one 4-byte access (BAL-DRV-ACT-1, BAL-DRV-LEG-ACT)."""
+        self.device.write_config(ConfigField.ACTUAL, 4, pages)
+
+    def send_stats(self, entries: Iterable[tuple[int, int]]) -> int:
+        return self.send(STATSQ, encode_stats(entries, self.device.endian))
+
+    def send_cmd_id(self, cmd_id: int) -> int:
+        return self.send(FREE_PAGE_VQ, encode_cmd_id(cmd_id, self.device.endian))
+
+    def hint_pages(self, pfns: Iterable[int]) -> int:
+        return self.send(FREE_PAGE_VQ, in_=[Buffer(pfn << PFN_SHIFT, PAGE_SIZE) for pfn in pfns])
+
+    def report_pages(self, pfns: Iterable[int]) -> int:
+        return self.send(REPORTING_VQ, in_=[Buffer(pfn << PFN_SHIFT, PAGE_SIZE) for pfn in pfns])

@@ -1,0 +1,115 @@
+"""Guest RAM of the reference device, and what each page may hold.
+
+RAM is sparse (a dict of 4 KiB pages), so large guests cost nothing until
+touched.  Where the spec lets the device change a page (MAY modify), the
+reference does not guess: it leaves the bytes alone and records the set of
+outcomes a conforming device may produce for that page.  Any write to a
+page (by the driver, or a ring update) makes its content defined again and
+clears that latitude.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import Enum
+
+from vballoon.spec import PAGE_SIZE, PFN_SHIFT, Endian, struct_prefix
+from vballoon.virtqueue import Buffer, MemoryAccessError
+
+
+class PageOutcome(Enum):
+    """What a device may have done to a page's bytes."""
+
+    UNCHANGED = "unchanged"
+    ZERO = "zero"
+    POISON = "poison"
+    """Filled with poison_val."""
+    ANY = "any"
+    """Any content: a hinted page the device may drop (BAL-DEV-FPH-4)."""
+
+
+ONLY_UNCHANGED = frozenset({PageOutcome.UNCHANGED})
+
+
+def poison_page(poison_val: int, endian: Endian = "little") -> bytes:
+    """A page filled with the 32-bit `poison_val` pattern."""
+    return struct.pack(struct_prefix(endian) + "I", poison_val) * (PAGE_SIZE // 4)
+
+
+class GuestRam:
+    """Flat guest RAM at [0, size): a `vballoon.virtqueue.Memory`."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise MemoryAccessError(f"RAM size {size} must be a positive multiple of {PAGE_SIZE}")
+        self.size = size
+        self._pages: dict[int, bytearray] = {}
+        self._latitude: dict[int, frozenset[PageOutcome]] = {}
+
+    @property
+    def num_pages(self) -> int:
+        return self.size >> PFN_SHIFT
+
+    def contains_pfn(self, pfn: int) -> bool:
+        return 0 <= pfn < self.num_pages
+
+    def _check(self, addr: int, n: int) -> None:
+        if n < 0 or addr < 0 or addr + n > self.size:
+            raise MemoryAccessError(f"access of {n} bytes at {addr:#x} outside guest RAM of {self.size:#x} bytes")
+
+    def read(self, addr: int, n: int) -> bytes:
+        self._check(addr, n)
+        out = bytearray()
+        while n:
+            pfn, offset = divmod(addr, PAGE_SIZE)
+            chunk = min(n, PAGE_SIZE - offset)
+            page = self._pages.get(pfn)
+            out += page[offset : offset + chunk] if page is not None else bytes(chunk)
+            addr, n = addr + chunk, n - chunk
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._check(addr, len(data))
+        view = memoryview(bytes(data))
+        while view:
+            pfn, offset = divmod(addr, PAGE_SIZE)
+            chunk = min(len(view), PAGE_SIZE - offset)
+            page = self._pages.setdefault(pfn, bytearray(PAGE_SIZE))
+            page[offset : offset + chunk] = view[:chunk]
+            self._latitude.pop(pfn, None)
+            addr, view = addr + chunk, view[chunk:]
+
+    def page(self, pfn: int) -> bytes:
+        """The bytes of page `pfn` as the reference holds them (never modified by the device)."""
+        return self.read(pfn << PFN_SHIFT, PAGE_SIZE)
+
+    def whole_pages(self, buffer: Buffer) -> range:
+        """PFNs of the pages that lie entirely inside `buffer` and inside RAM."""
+        first = -(-buffer.addr // PAGE_SIZE)
+        end = min((buffer.addr + buffer.length) // PAGE_SIZE, self.num_pages)
+        return range(first, max(first, end))
+
+    def allow(self, pfn: int, outcomes: frozenset[PageOutcome]) -> None:
+        """Record that the device may leave page `pfn` in any of `outcomes` (added to what it already may)."""
+        self._latitude[pfn] = self.allowed(pfn) | outcomes
+
+    def allowed(self, pfn: int) -> frozenset[PageOutcome]:
+        """The outcomes a conforming device may have produced for page `pfn`."""
+        return self._latitude.get(pfn, ONLY_UNCHANGED)
+
+    def pages_with_latitude(self) -> dict[int, frozenset[PageOutcome]]:
+        """Every page whose content the device may have changed, with its outcomes."""
+        return dict(self._latitude)
+
+    def content_allowed(self, pfn: int, observed: bytes, poison: bytes) -> bool:
+        """Whether `observed` is a content a conforming device may leave in page `pfn`.
+
+        `poison` is the poison_val page pattern in effect (see `poison_page`).
+        """
+        allowed = self.allowed(pfn)
+        candidates = {
+            PageOutcome.UNCHANGED: self.page(pfn),
+            PageOutcome.ZERO: bytes(PAGE_SIZE),
+            PageOutcome.POISON: poison,
+        }
+        return PageOutcome.ANY in allowed or any(candidates[o] == observed for o in allowed)
