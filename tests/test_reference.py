@@ -479,3 +479,12 @@ def test_guest_ram_is_sparse_and_bounds_checked():
 def test_driver_needs_room_for_its_rings():
     with pytest.raises(VballoonError):
         ReferenceDriver(BalloonDevice(DeviceProperties(ram_size=1 << 20)))
+
+
+def test_driver_scratch_area_wraps_around():
+    device, driver = ready()
+    for _ in range(5):  # 5 x 300 KB exceeds the 1 MiB scratch area
+        driver.send("inflateq", b"\xff" * 300_000)
+        driver.collect("inflateq")
+    assert len(device.skipped_pfns) == 5 * 75_000 and device.ballooned == set()
+    assert driver.first_driver_pfn == (RAM >> 12) - 512
