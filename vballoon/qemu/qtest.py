@@ -61,6 +61,7 @@ class QtestClient:
         self.timeout = timeout
         self.clock_step_supported = clock_step_supported
         self.irq_levels: dict[int, bool] = {}
+        self.round_trips = 0
         self.base64 = self._probe_base64()
 
     def close(self) -> None:
@@ -100,6 +101,7 @@ class QtestClient:
             self._socket.sendall(payload.encode("ascii"))
         except OSError as error:
             raise QemuError(f"qtest: cannot send {_short(batch[0])!r} ({error}); {self._on_failure()}") from None
+        self.round_trips += 1
         deadline = time.monotonic() + self.timeout
         return [self._check(request, self._reply_line(request, deadline)) for request in batch]
 

@@ -15,6 +15,7 @@ transcript, the qtest transcript and the command line stay in `log_dir`.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ BALLOON_ID = "balloon0"
 IOTHREAD_ID = "iothread0"
 START_TIMEOUT = 30.0
 EXIT_TIMEOUT = 5.0
+GLIB_ASSERTION = re.compile(r"^ERROR:.*(assertion failed|code should not be reached).*$", re.MULTILINE)
 
 
 def halting_firmware() -> bytes:
@@ -158,22 +160,23 @@ class QtestMachine:
         return args
 
     def stop(self) -> None:
-        """Close qtest, ask QEMU to quit, SIGKILL what is left, remove the runtime dir."""
+        """Close qtest and QMP, SIGTERM QEMU, SIGKILL what is left, remove the runtime dir."""
         if self._qtest is not None:
             self._qtest.close()
             self._qtest = None
-        if self.process is not None and self.process.poll() is None and self._qmp is not None:
-            self._qmp.try_command("quit")
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except EOFError:
+                pass  # QEMU went away while the QMP connection was being closed
+            self._qmp = None
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(EXIT_TIMEOUT)
             except subprocess.TimeoutExpired:
-                pass
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
         if self._runtime_dir is not None:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
             self._runtime_dir = None
@@ -206,7 +209,8 @@ class QtestMachine:
         if self.process is not None and self.process.poll() not in (None, 0):
             found.append(self.exit_description())
         stderr = self.logs.stderr.read_text(errors="replace") if self.logs.stderr.exists() else ""
-        found += [f"QEMU stderr: {m.group(0).strip()}" for m in QEMU_TROUBLE.finditer(stderr)]
+        found += [f"QEMU stderr: {m.group(0).strip()}" for pattern in (QEMU_TROUBLE, GLIB_ASSERTION)
+                  for m in pattern.finditer(stderr)]
         return found
 
     def assert_healthy(self) -> None:
