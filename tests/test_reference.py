@@ -56,7 +56,6 @@ def ready(clock=None, features=None, poison_val=None, **props):
 # --- features, status, queues ----------------------------------------------------
 
 
-@pytest.mark.req("BAL-DEV-FEAT-MTH")
 def test_offered_features_follow_properties():
     device, _ = make()
     offered = device.offered_features
@@ -488,3 +487,15 @@ def test_driver_scratch_area_wraps_around():
         driver.collect("inflateq")
     assert len(device.skipped_pfns) == 5 * 75_000 and device.ballooned == set()
     assert driver.first_driver_pfn == (RAM >> 12) - 512
+
+
+@pytest.mark.req("BAL-DEV-FPH-2")
+def test_driver_stop_ends_a_started_round_and_releases_its_id():
+    device, driver = hinting_device()
+    cmd_id = device.request_free_page_hints()
+    driver.send_cmd_id(cmd_id)
+    driver.send_cmd_id(CMD_ID_STOP)
+    assert device.hinting.state is HintState.STOP, f"got {device.hinting.state}"
+    assert cmd_id not in device.hinting.unreleased
+    driver.hint_pages([40])
+    assert device.hinted == set(), "pages after STOP are ignored"
