@@ -160,26 +160,28 @@ class QtestMachine:
         return args
 
     def stop(self) -> None:
-        """Close qtest and QMP, SIGTERM QEMU, SIGKILL what is left, remove the runtime dir."""
-        if self._qtest is not None:
-            self._qtest.close()
-            self._qtest = None
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except EOFError:
-                pass  # QEMU went away while the QMP connection was being closed
-            self._qmp = None
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self._runtime_dir is not None:
-            shutil.rmtree(self._runtime_dir, ignore_errors=True)
-            self._runtime_dir = None
+        """Close qtest and QMP, SIGTERM QEMU, SIGKILL what is left; the runtime dir goes whatever happens."""
+        try:
+            if self._qtest is not None:
+                self._qtest.close()
+                self._qtest = None
+            if self._qmp is not None:
+                monitor, self._qmp = self._qmp, None
+                try:
+                    monitor.close()
+                except EOFError:
+                    pass  # QEMU went away while the QMP connection was being closed
+            if self.process is not None and self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(EXIT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+        finally:
+            if self._runtime_dir is not None:
+                shutil.rmtree(self._runtime_dir, ignore_errors=True)
+                self._runtime_dir = None
 
     # --- health ----------------------------------------------------------
 
