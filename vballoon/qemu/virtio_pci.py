@@ -569,14 +569,6 @@ class VirtioPciDriver:
     def driver_ok(self) -> None:
         self.set_status(self.status | Status.DRIVER_OK)
 
-    def initialise(self, features: int, queues: tuple[int, ...]) -> None:
-        """The whole sequence: negotiate, set up `queues`, DRIVER_OK; QemuError if FEATURES_OK is refused."""
-        if not self.negotiate(features):
-            raise QemuError(f"the device refused FEATURES_OK for features {features:#x}; status {self.status:#x}")
-        for index in queues:
-            self.setup_queue(index)
-        self.driver_ok()
-
     # --- queues ------------------------------------------------------------
 
     def setup_queue(self, index: int, size: int | None = None) -> SplitDriverQueue:
