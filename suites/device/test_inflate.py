@@ -8,6 +8,7 @@ from fixtures.qtest_device import INFLATEQ, TRANSPORTS, QtestBalloon, over
 from vballoon.qemu.qtest_machine import QtestMachine
 from vballoon.qemu.virtio_pci import MMIO_WINDOW
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, encode_pfns
+from vballoon.virtqueue import Buffer
 from vballoon.waiting import wait_for
 
 PATTERN = 0xAA
@@ -97,3 +98,30 @@ def test_deflate_is_acked_and_handled(balloon: QtestBalloon, qtest_machine: Qtes
     trace = f"virtio_balloon_handle_output section name: pc.ram gpa: {page:#x}"
     wait_for(lambda: qtest_machine.logs.stderr.read_text(errors="replace").count(trace) == 2, 5.0,
              f"two trace lines {trace!r} (inflate, then deflate)")
+
+
+@pytest.mark.req("BAL-DEV-OP-1", "BAL-LEG-USED")
+@over(TRANSPORTS)
+def test_duplicated_pfns_are_acked_once(balloon: QtestBalloon, qtest_machine: QtestMachine) -> None:
+    """A PFN named twice in one buffer is discarded like once; the buffer is used once, length 0."""
+    balloon.start()
+    page = balloon.new_page(PATTERN)
+    used = balloon.inflate([page >> PFN_SHIFT] * 3)
+    assert used.length == 0, f"BAL-LEG-USED: used length {used.length}"
+    assert page_bytes(qtest_machine, page) == bytes(PAGE_SIZE), f"BAL-DEV-OP-1: page {page:#x} should read zero"
+    assert balloon.driver.queues[INFLATEQ].collect_used() == [], "the buffer must be used exactly once"
+
+
+@pytest.mark.req("BAL-LEG-USED")
+@over(TRANSPORTS)
+def test_device_writable_buffer_on_inflateq_is_acked_untouched(balloon: QtestBalloon,
+                                                               qtest_machine: QtestMachine) -> None:
+    """PFNs in a device-writable (in) buffer are not read: QEMU takes only out buffers, uses the chain, length 0."""
+    balloon.start()
+    page = balloon.new_page(PATTERN)
+    array = balloon.driver.allocator.alloc(4)
+    qtest_machine.qtest.write(array, encode_pfns([page >> PFN_SHIFT], balloon.driver.endian))
+    used = balloon.exchange(INFLATEQ, [], [Buffer(array, 4)])
+    assert used.length == 0, f"BAL-LEG-USED: used length {used.length} for a chain without out buffers"
+    assert page_bytes(qtest_machine, page) == bytes([PATTERN]) * PAGE_SIZE, \
+        f"a PFN in an in buffer was acted on: page {page:#x} changed"
