@@ -9,7 +9,8 @@ from vballoon.errors import QemuError, UsageError
 from vballoon.qemu.qtest_machine import QtestMachine
 from vballoon.qemu.virtio_pci import (BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_ID_TRANSITIONAL, COMMAND_BUS_MASTER,
                                       COMMAND_IO, COMMAND_MEMORY, IO_WINDOW, MMIO_WINDOW, PCI_BAR0, PCI_COMMAND,
-                                      PCI_SUBSYSTEM_ID, VIRTIO_VENDOR_ID, CfgType, GuestAllocator, PciAddress, PciFunction,
+                                      PCI_SUBSYSTEM_ID, VIRTIO_VENDOR_ID, CfgType, GuestAllocator, ModernInterface, PciAddress,
+                                      PciFunction,
                                       enumerate_bus, virtio_caps)
 from vballoon.qemu.virtio_status import parse_status
 from vballoon.spec import ConfigField, Feature, StatTag, Status, encode_stats, feature_mask, has_feature
@@ -152,3 +153,15 @@ def test_guest_allocator_aligns_and_refuses_overflow() -> None:
 def test_empty_slot_reads_all_ones(balloon: QtestBalloon) -> None:
     empty_slot = PciFunction(balloon.qtest, PciAddress(0, 20, 0))
     assert empty_slot.config_read(0, 4) == 0xFFFFFFFF
+
+
+@over(TRANSPORTS[:2])
+def test_modern_common_config_counts_queues_and_config_changes(balloon: QtestBalloon,
+                                                               qtest_machine: QtestMachine) -> None:
+    interface = balloon.driver.interface
+    assert isinstance(interface, ModernInterface)
+    assert interface.num_queues() == 3, "inflateq, deflateq and statsq without hinting or reporting"
+    balloon.start()  # QEMU counts config changes only once DRIVER_OK is set
+    generation = interface.config_generation()
+    qtest_machine.qmp.command("balloon", value=qtest_machine.ram_bytes // 2)
+    assert interface.config_generation() != generation, "a new num_pages must change config_generation"

@@ -115,9 +115,14 @@ class QtestMachine:
             connection = self._accept(listener)
         finally:
             listener.close()
-        self._qtest = QtestClient(connection, self.exit_description, timeout=self.qtest_timeout,
-                                  clock_step_supported=self.accel == "qtest",
-                                  transcript=self.qtest_transcript.open("w", encoding="ascii"))
+        transcript = self.qtest_transcript.open("w", encoding="ascii")
+        try:
+            self._qtest = QtestClient(connection, self.exit_description, timeout=self.qtest_timeout,
+                                      clock_step_supported=self.accel == "qtest", transcript=transcript)
+        except BaseException:
+            connection.close()
+            transcript.close()
+            raise
         try:
             self._qmp.accept(timeout=START_TIMEOUT)
         except QemuError as error:

@@ -88,11 +88,10 @@ class Bar:
 class Region:
     """A window of I/O ports or memory (one BAR, or a part of it) accessed at 1, 2 or 4 bytes."""
 
-    def __init__(self, qtest: QtestClient, base: int, is_io: bool, length: int) -> None:
+    def __init__(self, qtest: QtestClient, base: int, is_io: bool) -> None:
         self.qtest = qtest
         self.base = base
         self.is_io = is_io
-        self.length = length
 
     def read(self, offset: int, width: int) -> int:
         if self.is_io:
@@ -354,7 +353,7 @@ class ModernInterface:
             if cap.cfg_type in (CfgType.COMMON, CfgType.NOTIFY, CfgType.ISR, CfgType.DEVICE) \
                     and cap.cfg_type not in regions and cap.bar in bars:
                 bar = bars[cap.bar]
-                regions[cap.cfg_type] = (Region(qtest, bar.address + cap.offset, bar.is_io, cap.length), cap)
+                regions[cap.cfg_type] = (Region(qtest, bar.address + cap.offset, bar.is_io), cap)
         missing = [t.name for t in (CfgType.COMMON, CfgType.NOTIFY, CfgType.ISR) if t not in regions]
         if missing:
             raise QemuError(f"PCI function {function.address} lacks the virtio capabilities {missing}")
@@ -437,7 +436,7 @@ class LegacyInterface:
         if 0 not in bars or not bars[0].is_io:
             raise QemuError("the device has no legacy I/O BAR 0 (is it modern-only, disable-legacy=on?)")
         self.qtest = qtest
-        self.io = Region(qtest, bars[0].address, True, bars[0].size)
+        self.io = Region(qtest, bars[0].address, True)
 
     def read_status(self) -> int:
         return self.io.read(LEGACY_STATUS, 1)
