@@ -34,7 +34,7 @@ HOSTFWD_RETRIES = 5
 # Guest console lines that mean the kernel is unwell.
 GUEST_TROUBLE = re.compile(r"(Oops|BUG:|WARNING:|Call Trace|Kernel panic|general protection fault)")
 # QEMU stderr lines that mean QEMU is unwell (warnings and trace lines are not).
-QEMU_TROUBLE = re.compile(r"(Assertion .* failed|^qemu-system-[^:]+: (?!warning:|terminating on signal).*$|Segmentation fault|Aborted)",
+QEMU_TROUBLE = re.compile(r"(Assertion .* failed|ERROR:.*assertion failed.*|^qemu-system-[^:]+: (?!warning:|terminating on signal).*$|Segmentation fault|Aborted)",
                           re.MULTILINE)
 
 

@@ -44,8 +44,9 @@ class Monitor:
         try:
             reply = self._qmp.cmd(name, **arguments)
         except ExecuteError as error:
-            self._record("error", {"execute": name, "error": error.error.desc})
-            raise QemuError(f"QMP {name}: {error.error.desc}") from None
+            description = error.error.error.desc
+            self._record("error", {"execute": name, "error": description})
+            raise QemuError(f"QMP {name}: {description}") from None
         except (QMPError, OSError, asyncio.TimeoutError, EOFError) as error:
             self._record("error", {"execute": name, "error": repr(error)})
             raise QemuError(f"QMP {name}: connection failed ({error!r})") from None
@@ -86,8 +87,8 @@ class Monitor:
     def close(self) -> None:
         try:
             self._qmp.close()
-        except (QMPError, OSError, asyncio.TimeoutError, RuntimeError):
-            pass
+        except (QMPError, OSError, asyncio.TimeoutError, RuntimeError, EOFError):
+            pass  # QEMU may already be gone; the socket is closed either way
         self._transcript.close()
 
     def _pump(self) -> None:
