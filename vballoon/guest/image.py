@@ -165,10 +165,10 @@ def bzimage_version(path: Path) -> str:
     return text.split()[0]
 
 
-def _run(args: list[str], **kwargs: object) -> str:
+def _run(args: list[str], cwd: Path | str | None = None) -> str:
     """Run a command and return its stdout; raise VballoonError with its stderr."""
     try:
-        done = subprocess.run(args, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+        done = subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd)
     except FileNotFoundError:
         raise VballoonError(f"{args[0]} not found; install it (see the Makefile's guest image target)") from None
     if done.returncode != 0:
