@@ -51,6 +51,7 @@ BASE_CMDLINE = (
     "i8042.noaux i8042.nokbd i8042.nopnp cryptomgr.notests"
 )
 HDRS_OFFSET = 0x202
+APT_LISTS = Path("/var/lib/apt/lists")
 
 Log = Callable[[str], None]
 
@@ -103,8 +104,7 @@ def build_image(
         kernel = _checked_bzimage(Path(kernel))
     if modules is not None:
         modules = _checked_modules_dir(Path(modules))
-    kernel_deb = None if kernel is not None else _kernel_package(kernel_package)
-    packages = _package_versions([*([kernel_deb] if kernel_deb else []), *_userland_closure()])
+    kernel_deb, packages = _resolve_packages(None if kernel is not None else kernel_package, cache_dir)
     key = _cache_key(packages, kernel, modules)
     images = cache_dir / "images"
     image_dir = images / key
@@ -213,6 +213,27 @@ def _package_versions(names: list[str]) -> dict[str, str]:
         if fields:
             versions[fields["Package"]] = fields["Version"]
     return versions
+
+
+def _resolve_packages(kernel_package: str | None, cache_dir: Path) -> tuple[str | None, dict[str, str]]:
+    """The concrete kernel package (None without one) and the version of every package to fetch.
+
+    Each apt-cache call re-reads apt's lists (over half a second), so the
+    answer is remembered until those lists change.
+    """
+    lists = sorted(APT_LISTS.glob("*_Packages*"))
+    stamp = json.dumps([kernel_package, [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in lists]])
+    memo = cache_dir / "apt" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.json"
+    if memo.is_file():
+        known = json.loads(memo.read_text())
+        return known["kernel_package"], known["packages"]
+    kernel_deb = _kernel_package(kernel_package) if kernel_package else None
+    packages = _package_versions([*([kernel_deb] if kernel_deb else []), *_userland_closure()])
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    partial = memo.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"kernel_package": kernel_deb, "packages": packages}))
+    partial.replace(memo)
+    return kernel_deb, packages
 
 
 def _tree_digest(root: Path) -> str:
