@@ -1,5 +1,6 @@
 # vballoon entry points. Each target installs what it needs when missing:
-# Debian packages through apt-get, Python dependencies through tox.
+# Debian packages through apt-get (the guest image is built from Debian's
+# packages too, so apt's package lists must exist), Python dependencies through tox.
 
 MATRIX ?= standard
 PYTHON ?= python3
@@ -20,9 +21,12 @@ deps:
 	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
 	done; \
 	dpkg -s libc6-dev >/dev/null 2>&1 || missing="$$missing libc6-dev"; \
+	if [ -n "$$missing" ] || ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then \
+	  apt-get update -q; \
+	fi; \
 	if [ -n "$$missing" ]; then \
 	  echo "vballoon: installing Debian packages:$$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 	@$(TOX) --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q 'tox>=4'
 
