@@ -151,7 +151,11 @@ class Machine:
         self.stop()
 
     def start(self, boot_timeout: float = 90.0) -> None:
-        """Start QEMU and, unless it waits for an incoming migration, wait until the guest answers SSH."""
+        """Start QEMU and, unless it waits for an incoming migration, wait until the guest answers SSH.
+
+        With `incoming`, QEMU waits paused for the migration stream; once the
+        migration has completed call `connect_ssh` (not `wait_ready`).
+        """
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="vballoon-qemu-"))
         for attempt in range(HOSTFWD_RETRIES):
             self.ssh_port = free_local_port()
@@ -240,8 +244,18 @@ class Machine:
                 "the kernel never reached /init; check --kernel (a bzImage with virtio drivers) and the serial log"
             raise GuestError(f"{error}: {where}; last serial lines: {tail(self.logs.serial, 5)!r} "
                              f"({self.logs.describe()})") from None
-        self._shell = GuestShell(self.ssh_port, self.image.ssh_key, self.image.ssh_user)
-        self._shell.connect(timeout=30)
+        self.connect_ssh(timeout=30)
+
+    def connect_ssh(self, timeout: float) -> None:
+        """Connect SSH to this QEMU's forwarded port without reading the serial log.
+
+        A migration destination needs this: its guest booted on the source, so
+        its own serial log never shows the ready line.
+        """
+        self.check_alive()
+        shell = GuestShell(self.ssh_port, self.image.ssh_key, self.image.ssh_user)
+        shell.connect(timeout)
+        self._shell = shell
 
     @property
     def ssh(self) -> GuestShell:
