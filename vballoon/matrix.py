@@ -253,9 +253,9 @@ def standard() -> tuple[Variant, ...]:
     defaults = {name: values[0] for name, values in DIMENSIONS.items()}
 
     def allowed(partial_row: list[object]) -> bool:
-        return combination_problem({**defaults, **dict(zip(names, partial_row))}) is None
+        return combination_problem({**defaults, **dict(zip(names, partial_row, strict=False))}) is None
 
-    rows = [dict(zip(names, row)) for row in
+    rows = [dict(zip(names, row, strict=True)) for row in
             AllPairs([list(values) for values in DIMENSIONS.values()], filter_func=allowed)]
     for (a, values_a), (b, values_b) in itertools.combinations(DIMENSIONS.items(), 2):
         for value_a, value_b in itertools.product(values_a, values_b):
@@ -270,7 +270,7 @@ def full() -> Iterator[Variant]:
     """Every valid combination."""
     names = list(DIMENSIONS)
     for row in itertools.product(*DIMENSIONS.values()):
-        settings = dict(zip(names, row))
+        settings = dict(zip(names, row, strict=True))
         if combination_problem(settings) is None:
             yield Variant(**settings)  # type: ignore[arg-type]
 

@@ -34,8 +34,13 @@ HOSTFWD_RETRIES = 5
 # Guest console lines that mean the kernel is unwell.
 GUEST_TROUBLE = re.compile(r"(Oops|BUG:|WARNING:|Call Trace|Kernel panic|general protection fault)")
 # QEMU stderr lines that mean QEMU is unwell (warnings and trace lines are not).
-QEMU_TROUBLE = re.compile(r"(Assertion .* failed|ERROR:.*assertion failed.*|^qemu-system-[^:]+: (?!warning:|terminating on signal).*$|Segmentation fault|Aborted)",
-                          re.MULTILINE)
+QEMU_TROUBLE = re.compile(
+    r"(Assertion .* failed"
+    r"|ERROR:.*assertion failed.*"
+    r"|^qemu-system-[^:]+: (?!warning:|terminating on signal).*$"
+    r"|Segmentation fault|Aborted)",
+    re.MULTILINE,
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class Machine:
         migration has completed call `connect_ssh` (not `wait_ready`).
         """
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="vballoon-qemu-"))
-        for attempt in range(HOSTFWD_RETRIES):
+        for _ in range(HOSTFWD_RETRIES):
             self.ssh_port = free_local_port()
             self._launch()
             if self._hostfwd_failed():
