@@ -3,16 +3,20 @@
 # packages too, so apt's package lists must exist), Python dependencies through tox.
 
 MATRIX ?= standard
+# 2 MiB huge pages to reserve for the +hugetlb variants (0: leave the host
+# alone and let those variants skip). Needs root; see `make hugepages`.
+HUGEPAGES ?= 0
 PYTHON ?= python3
 PYTEST_ARGS ?=
 APT_PACKAGES := qemu-system-x86 qemu-utils cpio kmod gcc libc6-dev
 TOX := $(PYTHON) -m tox
 
-.PHONY: help deps test conformance bench lint image clean
+.PHONY: help deps hugepages test conformance bench lint image clean
 
 help:
 	@echo "make conformance [MATRIX=quick|standard|full]  run the conformance suites, write reports/junit.xml"
 	@echo "make test                                      run vballoon's own tests and the smoke tier"
+	@echo "make conformance HUGEPAGES=600                 also reserve huge pages so +hugetlb variants run"
 	@echo "make bench | lint | image | clean"
 
 deps:
@@ -33,8 +37,15 @@ deps:
 test: deps
 	$(TOX) -e py -- $(PYTEST_ARGS)
 
-conformance: deps
+conformance: deps hugepages
 	$(TOX) -e conformance -- --matrix $(MATRIX) $(PYTEST_ARGS)
+
+hugepages:
+	@if [ "$(HUGEPAGES)" -gt 0 ]; then \
+	  mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs none /dev/hugepages; }; \
+	  echo $(HUGEPAGES) > /proc/sys/vm/nr_hugepages; \
+	  echo "vballoon: $$(grep HugePages_Total /proc/meminfo) on /dev/hugepages"; \
+	fi
 
 bench: deps
 	$(TOX) -e bench
