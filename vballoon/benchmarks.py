@@ -67,3 +67,50 @@ def run_boot_benchmark(qemu: str | None, accel: str, kernel: str | None, modules
     print(f"median boot-to-SSH {result['median_s']} s (target {BOOT_TARGET_S} s), "
           f"spread {result['min_s']}-{result['max_s']} s, median QEMU RSS {result['median_rss_mib']} MiB -> {out}")
     return result
+
+
+MATRIX_TARGETS_S = {"quick": 180.0, "standard": 900.0}  # issue targets for suites/guest under TCG
+
+
+def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None, tiers: list[str],
+                         out: Path, suites: str = "suites/guest") -> dict[str, object]:
+    """Run the guest suites over each tier; record wall time and per-variant cost (boot + tests) from JUnit."""
+    import re
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ElementTree
+
+    result: dict[str, object] = {"benchmark": "guest-matrix", "suites": suites, "accelerator": accel, "tiers": {}}
+    for tier_name in tiers:
+        junit = out.parent / f"bench-matrix-{tier_name}.xml"
+        args = [sys.executable, "-m", "pytest", suites, "-q", "-p", "no:cacheprovider", f"--matrix={tier_name}",
+                f"--accel={accel}", f"--junitxml={junit}"]
+        args += [f"--{name}={value}" for name, value in (("qemu", qemu), ("kernel", kernel), ("modules", modules)) if value]
+        started = time.monotonic()
+        completed = subprocess.run(args)
+        wall = time.monotonic() - started
+        per_variant: dict[str, float] = {}
+        outcomes = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
+        for case in ElementTree.parse(junit).getroot().iter("testcase"):
+            match = re.search(r"\[(.+)\]$", case.get("name", ""))
+            if match:
+                per_variant[match[1]] = round(per_variant.get(match[1], 0.0) + float(case.get("time", 0)), 2)
+            kinds = {child.tag for child in case}
+            skipped = case.find("skipped")
+            if "failure" in kinds or "error" in kinds:
+                outcomes["failed"] += 1
+            elif skipped is not None and skipped.get("type") == "pytest.xfail":
+                outcomes["xfailed"] += 1
+            elif skipped is not None:
+                outcomes["skipped"] += 1
+            else:
+                outcomes["passed"] += 1
+        result["tiers"][tier_name] = {  # type: ignore[index]
+            "wall_s": round(wall, 1), "target_s": MATRIX_TARGETS_S.get(tier_name),
+            "meets_target": wall <= MATRIX_TARGETS_S.get(tier_name, float("inf")),
+            "pytest_exit": completed.returncode, "outcomes": outcomes, "per_variant_s": per_variant,
+        }
+        print(f"{tier_name}: {wall:.0f} s wall (target {MATRIX_TARGETS_S.get(tier_name)} s), {outcomes}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result

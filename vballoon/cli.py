@@ -56,6 +56,13 @@ def _cmd_bench_boot(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_bench_matrix(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.benchmarks import run_matrix_benchmark
+
+    run_matrix_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.tiers, Path(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vballoon", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--boots", type=int, default=5)
     boot.add_argument("--out", default="reports/bench-boot.json")
     boot.set_defaults(handler=_cmd_bench_boot)
+    matrix = bench.add_parser("matrix", help="wall time of suites/guest per tier and per variant, "
+                                             "written to reports/bench-matrix.json")
+    _add_target_options(matrix)
+    matrix.add_argument("--tiers", nargs="+", default=["quick", "standard"], choices=("quick", "standard", "full"))
+    matrix.add_argument("--out", default="reports/bench-matrix.json")
+    matrix.set_defaults(handler=_cmd_bench_matrix)
     return parser
 
 

@@ -23,14 +23,14 @@ def names(bits: frozenset[int]) -> list[int]:
 
 
 @pytest.mark.req("BAL-DRV-FEAT-POISON", "BAL-DRV-FEAT-REPORT", "BAL-DEV-LEG-FEAT-1")
-def test_negotiated_features_match_oracle(vm: Machine, variant: Variant) -> None:
+def test_negotiated_features_match_oracle(shared_vm: Machine, variant: Variant) -> None:
     """The guest accepts exactly the features Linux 6.1 should accept of what QEMU offers."""
     expected = variant.accepted_features()
-    in_guest = guest_balloon_features(vm)
+    in_guest = guest_balloon_features(shared_vm)
     assert in_guest & MODELLED_BITS == expected, (
         f"guest sysfs features: expected {names(expected)}, got {names(in_guest & MODELLED_BITS)} "
         f"(BAL-DRV-FEAT-POISON/BAL-DRV-FEAT-REPORT, variant {variant.name})")
-    status = parse_status(vm.qmp.command("x-query-virtio-status", path=vm.balloon_device_path()))
+    status = parse_status(shared_vm.qmp.command("x-query-virtio-status", path=shared_vm.balloon_device_path()))
     assert status.host_features & MODELLED_BITS == variant.offered_features(), (
         f"QEMU host-features: expected {names(variant.offered_features())}, "
         f"got {names(status.host_features & MODELLED_BITS)} (variant {variant.name})")
@@ -42,8 +42,8 @@ def test_negotiated_features_match_oracle(vm: Machine, variant: Variant) -> None
 
 
 @pytest.mark.req("BAL-DRV-ACT-1")
-def test_balloon_starts_empty(vm: Machine) -> None:
+def test_balloon_starts_empty(shared_vm: Machine) -> None:
     """Before any target is set, query-balloon reports the whole guest RAM."""
-    ram = vm.memory_mib << 20
-    actual = vm.query_balloon_bytes()
+    ram = shared_vm.memory_mib << 20
+    actual = shared_vm.query_balloon_bytes()
     assert actual == ram, f"query-balloon actual: expected {ram} (all RAM, balloon empty), got {actual}"

@@ -1,0 +1,43 @@
+"""Guest suites: run grouped by variant so one booted guest serves a variant's tests; name kept dmesg files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fixtures.guest_vm import OOM_REPORT_MARK
+
+HERE = Path(__file__).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{OOM_REPORT_MARK}: the test provokes a real OOM; the OOM killer's "
+                                       "report (with its Call Trace) is allowed in the guest's log, nothing else")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stable-sort this folder's tests by variant, in tier order, keeping each variant's tests in file order."""
+    def variant_of(item: pytest.Item) -> str | None:
+        callspec = getattr(item, "callspec", None)
+        in_here = HERE in Path(str(item.fspath)).parents
+        return callspec.params["variant"].name if in_here and callspec and "variant" in callspec.params else None
+
+    order: dict[str, int] = {}
+    for item in items:
+        name = variant_of(item)
+        if name is not None:
+            order.setdefault(name, len(order))
+    guest_items = sorted((i for i in items if variant_of(i) is not None), key=lambda i: order[variant_of(i)])
+    others = [i for i in items if variant_of(i) is None]
+    items[:] = others + guest_items
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failed guest test names the guest dmesg file kept beside the other logs."""
+    outcome = yield
+    report = outcome.get_result()
+    dmesg = getattr(item, "vballoon_dmesg", None)
+    if report.failed and dmesg is not None:
+        report.sections.append(("guest dmesg kept", str(dmesg)))

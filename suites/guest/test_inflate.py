@@ -1,0 +1,142 @@
+"""Inflate and deflate through QMP in a real guest: actual follows the target, events, vmstat, MemTotal, host RSS."""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+
+import pytest
+
+from fixtures.qtest_device import expect_conformance
+from vballoon.benchmarks import process_rss_kib
+from vballoon.guest.driver import read_from
+from vballoon.guest.memhog import run_hog, start_hog
+from vballoon.guest.procfs import read_guest_memory
+from vballoon.guest.target import MIB, PAGE, set_target, wait_actual_settles
+from vballoon.matrix import Variant
+from vballoon.qemu.machine import Machine
+from vballoon.session import Session
+from vballoon.waiting import wait_for
+
+FRACTIONS_OF_RAM = (3 / 4, 1 / 2, 5 / 8, 3 / 8, 1)  # evict, evict more, enlarge, evict, enlarge to full
+RANDOM_WALK_STEPS = 50
+EVENT_DEADLINE_S = 10.0  # BALLOON_CHANGE is rate-limited to one a second; the last value comes after at most 1 s
+RSS_FALL_FRACTION = 0.8
+RSS_DEADLINE_S = 30.0
+SET_CONFIG = re.compile(r"virtio_balloon_set_config actual: (\d+) oldactual: (\d+)")
+
+
+def ram_bytes(vm: Machine) -> int:
+    return vm.memory_mib * MIB
+
+
+@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OP-2", "BAL-DRV-ACT-1", "BAL-LEG-USED")
+def test_targets_reached_with_events_vmstat_and_memtotal(shared_vm: Machine, variant: Variant) -> None:
+    """Each target is reached, announced by BALLOON_CHANGE, counted page by page in vmstat; MemTotal
+    shrinks by the balloon without DEFLATE_ON_OOM and stays put with it."""
+    vm, ram = shared_vm, ram_bytes(shared_vm)
+    for fraction in FRACTIONS_OF_RAM:
+        target = int(ram * fraction) // PAGE * PAGE
+        before_actual, before = vm.query_balloon_bytes(), read_guest_memory(vm.ssh)
+        vm.qmp.take_events("BALLOON_CHANGE")
+        set_target(vm, target)
+        vm.qmp.wait_event("BALLOON_CHANGE", EVENT_DEADLINE_S, lambda e: e["data"]["actual"] == target)
+        after = read_guest_memory(vm.ssh)
+        pages = (before_actual - target) // PAGE
+        inflated = after.vmstat["balloon_inflate"] - before.vmstat["balloon_inflate"]
+        deflated = after.vmstat["balloon_deflate"] - before.vmstat["balloon_deflate"]
+        assert (inflated, deflated) == (max(pages, 0), max(-pages, 0)), (
+            f"BAL-DRV-OP-1/BAL-DRV-OP-2: target {target}: expected vmstat balloon_inflate/deflate to move by "
+            f"{(max(pages, 0), max(-pages, 0))} pages, got {(inflated, deflated)}")
+        memtotal_change = after.mem("MemTotal") - before.mem("MemTotal")
+        expected_change = 0 if variant.deflate_on_oom else target - before_actual
+        assert memtotal_change == expected_change, (
+            f"BAL-DRV-ACT-1: target {target} (deflate_on_oom={variant.deflate_on_oom}): expected MemTotal to "
+            f"change by {expected_change} bytes, got {memtotal_change}")
+
+
+@pytest.mark.req("BAL-DRV-OP-2", "BAL-DRV-ACT-1")
+def test_target_above_ram_is_clamped(shared_vm: Machine) -> None:
+    """A target above guest RAM empties the balloon: actual is all of RAM, never more."""
+    vm, ram = shared_vm, ram_bytes(shared_vm)
+    set_target(vm, ram // 2)
+    vm.qmp.command("balloon", value=2 * ram)
+    wait_for(lambda: vm.query_balloon_bytes() == ram, 30, "actual to return to all of RAM")
+    settled = wait_actual_settles(vm, quiet_s=1.0, timeout=30)
+    assert settled == ram, f"BAL-DRV-OP-2: target {2 * ram} above RAM: expected actual {ram}, got {settled}"
+
+
+@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OP-2", "BAL-DRV-ACT-1")
+def test_random_walk_of_resizes(shared_vm: Machine, variant: Variant) -> None:
+    """50 random targets between a quarter of RAM and all of it are each reached before the deadline."""
+    vm, ram = shared_vm, ram_bytes(shared_vm)
+    seed = zlib.crc32(variant.name.encode())
+    walk = random.Random(seed)
+    for step in range(RANDOM_WALK_STEPS):
+        target = walk.randrange(ram // 4, ram + 1, MIB)
+        try:
+            set_target(vm, target)
+        except AssertionError as error:
+            raise AssertionError(f"random walk seed {seed}, step {step}: {error}") from None
+
+
+@pytest.mark.req("BAL-DRV-OP-1")
+def test_inflate_returns_dirtied_memory_to_the_host(shared_vm: Machine) -> None:
+    """After the guest dirtied its free memory, an inflate lowers QEMU's RSS by at least 80% of the inflate."""
+    vm, ram = shared_vm, ram_bytes(shared_vm)
+    available = read_guest_memory(vm.ssh).mem("MemAvailable")
+    run_hog(vm.ssh, f"fill --mib {available // MIB - 48}")
+    inflate = ram // 2
+    rss_before = process_rss_kib(vm.pid) * 1024
+    set_target(vm, ram - inflate)
+    wanted = rss_before - int(RSS_FALL_FRACTION * inflate)
+    wait_for(lambda: process_rss_kib(vm.pid) * 1024 <= wanted, RSS_DEADLINE_S,
+             f"QEMU RSS to fall from {rss_before} to at most {wanted} after a {inflate}-byte inflate "
+             "(BAL-DRV-OP-1: inflated pages are given to the host)",
+             describe_last=lambda: f"RSS {process_rss_kib(vm.pid) * 1024}")
+
+
+@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OP-2", "BAL-DRV-OP-6")
+def test_resizes_while_memhog_holds_a_pattern(shared_vm: Machine) -> None:
+    """Inflating and deflating around a running memhog never touches its memory: the pattern verifies."""
+    vm, ram = shared_vm, ram_bytes(shared_vm)
+    hog = start_hog(vm.ssh, "fill --mib 64 --seed 11 --hold-forever", "resize")
+    hog.wait_line(r"memhog: holding 64 MiB", 60)
+    for fraction in (1 / 2, 3 / 4, 3 / 8, 1):
+        set_target(vm, int(ram * fraction) // PAGE * PAGE)
+        verdict = hog.verify_now(60)
+        assert verdict.endswith(" ok"), (
+            f"BAL-DRV-OP-6: after resizing to {fraction:.3f} of RAM: expected memhog's pattern intact, got {verdict!r}")
+    hog.stop()
+
+
+@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OOM-2")
+def test_target_below_what_the_guest_can_give(fresh_vm: Machine, variant: Variant) -> None:
+    """Asking for nearly all guest RAM: with DEFLATE_ON_OOM the guest gives what it can and keeps answering SSH."""
+    if not variant.deflate_on_oom:
+        pytest.skip("without DEFLATE_ON_OOM the balloon must hold its pages (BAL-DRV-OOM-1): Linux 6.1 inflates "
+                    "until the OOM killer has no victim left and panics 'System is deadlocked on memory'")
+    vm, ram = fresh_vm, ram_bytes(fresh_vm)
+    vm.qmp.command("balloon", value=MIB)
+    held = ram - wait_actual_settles(vm, quiet_s=3.0, timeout=180)
+    assert held > ram // 2, f"BAL-DRV-OP-1: target 1 MiB: expected the guest to give most of its RAM, got {held}"
+    vm.ssh.run("true", timeout=60)
+    set_target(vm, ram, timeout=120)
+    vm.ssh.run("true", timeout=60)
+
+
+@pytest.mark.req("BAL-DRV-LEG-ACT")
+def test_legacy_actual_written_in_one_access(shared_vm: Machine, variant: Variant, session: Session) -> None:
+    """Over legacy virtio-pci, every update of actual reaches QEMU whole: no intermediate value while inflating."""
+    if variant.transport != "legacy":
+        pytest.skip("BAL-DRV-LEG-ACT binds the legacy interface; this variant's driver uses the modern one")
+    vm, ram = shared_vm, ram_bytes(shared_vm)
+    start = vm.logs.stderr.stat().st_size
+    target = ram - 300 * MIB  # actual crosses 0xff00 -> 0x10000 pages: a carry into the third byte
+    set_target(vm, target)
+    values = [int(m[1]) for m in SET_CONFIG.finditer(read_from(vm.logs.stderr, start))]
+    backwards = [(a, b) for a, b in zip(values, values[1:]) if b < a]
+    expect_conformance(not backwards, "BAL-DRV-LEG-ACT", session.qemu,
+                       f"while inflating to {target} bytes actual went backwards {backwards[:3]} in QEMU's "
+                       f"virtio_balloon_set_config trace: it was written in more than one access")

@@ -1,0 +1,104 @@
+"""The guest's virtio_balloon driver seen from the host: reloading it, and the config writes it makes (BAL-DRV-PP-2/3).
+
+Config writes are read from QEMU's `memory_region_ops_write` trace, switched on
+over HMP only around the driver's probe so the rest of the run stays fast.
+Modern virtio-pci: the device config region is 'virtio-pci-device-virtio-balloon'
+and the common config 'virtio-pci-common-virtio-balloon' (device_status at
+0x14). Legacy: one I/O region 'virtio-pci' holding the header (device_status
+at 0x12) and the device config after it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vballoon.qemu.machine import Machine
+
+OPS_WRITE = re.compile(r"memory_region_ops_write cpu \d+ mr (?P<mr>0x[0-9a-f]+) addr (?P<addr>0x[0-9a-f]+) "
+                       r"value (?P<value>0x[0-9a-f]+) size (?P<size>\d+) name '(?P<name>[^']*)'")
+POISON_VAL_OFFSET = 12
+DRIVER_OK = 0x4
+MODERN_DEVICE_REGION = "virtio-pci-device-virtio-balloon"
+MODERN_COMMON_REGION = "virtio-pci-common-virtio-balloon"
+MODERN_STATUS_OFFSET = 0x14
+LEGACY_REGION = "virtio-pci"
+LEGACY_STATUS_OFFSET = 0x12
+LEGACY_CONFIG_OFFSET = 0x14  # no MSI-X on virtio-balloon-pci: the config follows the 20-byte header
+LEGACY_BAR_SIZE = 0x40
+
+
+@dataclass(frozen=True)
+class ConfigWrite:
+    """One guest write to the balloon's registers, in trace order."""
+
+    what: str  # "config" or "status"
+    offset: int
+    value: int
+    size: int
+
+
+def reload_driver(vm: Machine) -> None:
+    """rmmod and insmod virtio_balloon: the driver resets the device and probes it again."""
+    vm.ssh.run("cd /lib/modules/$(uname -r) && rmmod virtio_balloon && "
+               "insmod $(grep -o '^[^:]*/virtio_balloon\\.ko[^:]*' modules.dep)")
+
+
+def trace_probe_writes(vm: Machine) -> list[ConfigWrite]:
+    """Reload the driver with `memory_region_ops_write` traced; the balloon register writes it made."""
+    assert vm.qmp is not None
+    start = vm.logs.stderr.stat().st_size
+    vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write on"})
+    try:
+        reload_driver(vm)
+    finally:
+        vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write off"})
+    return balloon_writes(read_from(vm.logs.stderr, start), legacy=vm.variant.transport == "legacy")
+
+
+def read_from(path: Path, offset: int) -> str:
+    with path.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+def balloon_writes(trace: str, legacy: bool) -> list[ConfigWrite]:
+    """The writes to the balloon's device_status and device config in a trace."""
+    writes: list[ConfigWrite] = []
+    for match in OPS_WRITE.finditer(trace):
+        name, addr = match["name"], int(match["addr"], 16)
+        value, size = int(match["value"], 16), int(match["size"])
+        if legacy and name == LEGACY_REGION:
+            offset = addr % LEGACY_BAR_SIZE
+            if offset == LEGACY_STATUS_OFFSET:
+                writes.append(ConfigWrite("status", 0, value, size))
+            elif offset >= LEGACY_CONFIG_OFFSET:
+                writes.append(ConfigWrite("config", offset - LEGACY_CONFIG_OFFSET, value, size))
+        elif not legacy and name == MODERN_COMMON_REGION and addr % 0x1000 == MODERN_STATUS_OFFSET:
+            writes.append(ConfigWrite("status", 0, value, size))
+        elif not legacy and name == MODERN_DEVICE_REGION:
+            writes.append(ConfigWrite("config", addr % 0x1000, value, size))
+    return writes
+
+
+def poison_val_written(writes: list[ConfigWrite]) -> tuple[int | None, int | None]:
+    """(poison_val as assembled from the writes covering bytes 12-15, index of its last write)."""
+    image = bytearray(4)
+    covered: set[int] = set()
+    last: int | None = None
+    for index, write in enumerate(writes):
+        if write.what != "config":
+            continue
+        for byte in range(write.size):
+            position = write.offset + byte - POISON_VAL_OFFSET
+            if 0 <= position < 4:
+                image[position] = (write.value >> (8 * byte)) & 0xFF
+                covered.add(position)
+                last = index
+    return (int.from_bytes(image, "little"), last) if covered == {0, 1, 2, 3} else (None, last)
+
+
+def first_driver_ok(writes: list[ConfigWrite]) -> int | None:
+    """Index of the first status write that sets DRIVER_OK."""
+    return next((i for i, w in enumerate(writes) if w.what == "status" and w.value & DRIVER_OK), None)
