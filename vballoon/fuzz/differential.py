@@ -1,0 +1,348 @@
+"""The QEMU differential executor: inputs on one long-lived QEMU over qtest and on the reference device.
+
+QEMU starts once per executor and stays up: between inputs the device is reset and everything a reset
+leaves behind in QEMU 7.2 is put back by hand (a stopped VM, the polling interval, num_pages, actual, the
+pool pages; guest-stats cannot be cleared, so after an input that sent statistics both sides are "primed"
+with an empty report, see `_prime_stats`). It restarts only after a crash or a hang.
+
+An input's operations are applied to both sides in order (qtest writes batched per operation); used
+entries are collected before each Negotiate/Reset and at the end, and QEMU is observed once, at the end,
+with as few round trips as possible: config fields, status, used rings of the queues the input touched,
+the pool pages when the input could change them, QMP query-balloon and guest-stats when the input could
+change them (otherwise they are not compared). `transport.compare` judges the final observation; the
+value of every ReadConfig and the answer to every host request are compared one by one.
+
+A finding is a QEMU crash (exit by signal, assertion, segfault), a hang (a qtest deadline), a device error
+(virtio_error) where the reference has none, or an observation outside the reference's allowed outcomes.
+A difference whose requirement has a known deviation for this QEMU explains the whole input (the two
+devices no longer agree on state after it), so that input yields no finding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vballoon.errors import QemuError
+from vballoon.matrix import Variant
+from vballoon.qemu.machine import QemuBinary, tail
+from vballoon.qemu.qtest_machine import CRASH_LINE, DEVICE_ERROR_LINE
+from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
+from vballoon.reference.device import FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
+from vballoon.requirements import deviation_for
+from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField
+from vballoon.transport import (POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, FillPage, Negotiate,
+                                Observation, Operation, QemuTransport, ReadConfig, ReferenceTransport, Reset,
+                                Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare)
+from vballoon.fuzz.format import offered_balloon_features
+from vballoon.fuzz.reference_run import step_reference
+from vballoon.waiting import DeadlineExceeded, wait_for
+
+QTEST_DEADLINE = 5.0
+"""A qtest request QEMU has not answered by then is a hang."""
+USED_DEADLINE = 0.25
+"""How long QEMU gets to use what the reference used (the free page queue runs in an iothread)."""
+PAGE_CHANGING_QUEUES = (INFLATEQ, FREE_PAGE_VQ, REPORTING_VQ)
+QMP_OPERATIONS = (SetTarget, SetPollingInterval, Stop, Cont)
+"""Operations sent over QMP: the qtest writes batched before them are flushed first."""
+STATS_PRIMING_BUFFER = bytes(1)
+"""A stats buffer without a whole entry: every statistic unset, last-update set (QEMU 7.2 and reference)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What an input made QEMU (or the reference) do wrong, with the evidence for a crash file's sidecar."""
+
+    kind: str
+    """crash, hang, device-error, difference, reference-exception or reference-invariant."""
+    summary: str
+    differences: tuple[str, ...] = ()
+    observed: dict[str, Any] = field(default_factory=dict)
+    allowed: dict[str, Any] = field(default_factory=dict)
+    stderr_tail: str = ""
+
+    @property
+    def signature(self) -> str:
+        """What makes two findings the same bug: the kind and the first difference's requirement and subject."""
+        return f"{self.kind}:{self.summary.split(': expected')[0]}"
+
+
+@dataclass
+class _Side:
+    """What one input did on one side, collected as it runs."""
+
+    used: list[tuple[str, int, int]] = field(default_factory=list)
+    answers: list[tuple[int | None, str | None]] = field(default_factory=list)
+
+
+def _writes_actual(ops: tuple[Operation, ...]) -> bool:
+    """Whether a config write reaches `actual` (what query-balloon reports)."""
+    return any(isinstance(op, WriteConfig) and op.offset < ConfigField.ACTUAL + 4 and op.offset + op.width >
+               ConfigField.ACTUAL for op in ops)
+
+
+def _may_change_stats(ops: tuple[Operation, ...]) -> bool:
+    """Whether guest-stats can differ from before: a stats buffer, or a polling interval change."""
+    return any(isinstance(op, SetPollingInterval) or isinstance(op, AddBuffer) and op.queue == STATSQ for op in ops)
+
+
+def _fingerprint(observation: Observation) -> dict[str, Any]:
+    """An observation as JSON-friendly data for a sidecar (pages by their distinct bytes)."""
+    data = dataclasses.asdict(observation)
+    data["config"] = observation.config.hex()
+    data["pages"] = {f"{pfn:#x}": sorted(set(content)) for pfn, content in observation.pages}
+    return json.loads(json.dumps(data, default=str))
+
+
+class QemuDifferential:
+    """Scenarios of one device configuration on a long-lived QEMU and on the reference (a context manager)."""
+
+    def __init__(self, qemu: QemuBinary, variant: Variant, legacy_interface: bool, log_dir: Path) -> None:
+        self.qemu = qemu
+        self.variant = variant
+        self.legacy_interface = legacy_interface
+        self.log_dir = log_dir
+        self.transport: QemuTransport | None = None
+        self.starts = 0
+        self._stderr_offset = 0
+        self._stats_primed = False
+        self._restore: set[str] = set()
+        """What the previous input changed that a device reset leaves behind."""
+
+    def __enter__(self) -> "QemuDifferential":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            transport, self.transport = self.transport, None
+            transport.__exit__(None, None, None)
+
+    # --- QEMU's lifecycle ------------------------------------------------------------------
+
+    def _start(self) -> QemuTransport:
+        """A fresh QEMU; QemuError (one line, with QEMU's stderr) when it dies at start."""
+        transport = QemuTransport(self.qemu, self.variant, self.legacy_interface, self.log_dir)
+        transport.machine.qtest_timeout = QTEST_DEADLINE
+        transport.__enter__()
+        self.transport, self.starts = transport, self.starts + 1
+        self._stderr_offset = self._stderr_size()
+        self._stats_primed = False
+        self._restore = set()
+        return transport
+
+    def _stderr_size(self) -> int:
+        stderr = self.transport.machine.logs.stderr if self.transport else None
+        return stderr.stat().st_size if stderr is not None and stderr.exists() else 0
+
+    def _new_stderr(self) -> str:
+        assert self.transport is not None
+        with self.transport.machine.logs.stderr.open("rb") as stderr:
+            stderr.seek(self._stderr_offset)
+            return stderr.read().decode(errors="replace")
+
+    def command_line(self) -> str:
+        """The command line of the QEMU in use (or last used)."""
+        path = self.log_dir / "qemu-command-line.txt"
+        return path.read_text().strip() if path.exists() else ""
+
+    # --- between inputs ----------------------------------------------------------------------
+
+    def _restore_device(self, transport: QemuTransport) -> None:
+        """Bring the long-lived QEMU back to what a fresh one shows (see the module docstring)."""
+        machine, driver = transport.machine, transport.balloon.driver
+        if "running" in self._restore:
+            machine.qmp.command("cont")
+        if "polling" in self._restore:
+            machine.qmp.command("qom-set", path=machine.balloon_qom_path(), property="guest-stats-polling-interval",
+                                value=0)
+        if "target" in self._restore:
+            machine.qmp.command("balloon", value=machine.ram_bytes)
+        with machine.qtest.pipeline():
+            driver.reset()
+            driver.allocator.next = FIRST_FREE_RAM
+            machine.qtest.memset(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE, 0)
+            if "actual" in self._restore:
+                driver.config_write(ConfigField.ACTUAL, 4, 0)
+            # A read makes QEMU rebuild its config image; writes apply the whole stale image otherwise.
+            driver.config_read(ConfigField.NUM_PAGES, 4)
+        if "stats" in self._restore:
+            self._prime_stats_on_qemu(transport)
+            self._stats_primed = True
+        machine.qmp.take_events()
+        self._restore = set()
+        self._stderr_offset = self._stderr_size()
+
+    def _priming(self) -> list[Operation]:
+        """Operations that leave every statistic unset and last-update set, then reset the device.
+
+        Over a legacy interface the reference ignores the first buffer (BAL-DEV-LEG-ST-FIRST), so a
+        second buffer replaces it.
+        """
+        buffers = 2 if self.legacy_interface else 1
+        return ([Negotiate(offered_balloon_features(self.variant))] + [AddBuffer(STATSQ, STATS_PRIMING_BUFFER)]
+                * buffers + [Reset()])
+
+    def _prime_stats_on_qemu(self, transport: QemuTransport) -> None:
+        for op in self._priming():
+            with transport.machine.qtest.pipeline():
+                transport.apply(op)
+            if isinstance(op, Reset):
+                transport.balloon.driver.reset()
+                transport.balloon.driver.allocator.next = FIRST_FREE_RAM
+
+    # --- one input -----------------------------------------------------------------------------
+
+    def run(self, scenario: Scenario) -> Finding | None:
+        """Run `scenario` on QEMU and the reference; the finding, or None when QEMU conforms."""
+        if (scenario.variant, scenario.legacy_interface) != (self.variant, self.legacy_interface):
+            raise ValueError(f"scenario for {scenario.variant.name}, executor for {self.variant.name}")
+        transport = self.transport
+        if transport is None:
+            transport = self._start()
+        else:
+            try:
+                self._restore_device(transport)
+            except QemuError as error:
+                return self._lost(f"restoring the device between inputs: {error}")
+        reference = ReferenceTransport(self.variant, self.legacy_interface, transport.machine.ram_bytes)
+        if self._stats_primed:
+            for op in self._priming():
+                step_reference(reference, op)
+        expected_side, got_side = _Side(), _Side()
+        touched: set[str] = set()
+        try:
+            for over_qmp, group in itertools.groupby(scenario.operations, key=lambda op: isinstance(op, QMP_OPERATIONS)):
+                with contextlib.nullcontext() if over_qmp else transport.machine.qtest.pipeline():
+                    for op in group:
+                        if isinstance(op, (Negotiate, Reset)):
+                            self._collect(transport, reference, touched, expected_side, got_side)
+                            touched = set()
+                        expected_side.answers.append(step_reference(reference, op))
+                        got_side.answers.append(transport.apply(op))
+                        if isinstance(op, AddBuffer):
+                            touched.add(op.queue)
+                        self._note_restore(op)
+            self._collect(transport, reference, touched, expected_side, got_side)
+            got = self._observe(transport, scenario, got_side)
+        except QemuError as error:
+            return self._lost(str(error))
+        expected = dataclasses.replace(reference.observe((None, None)), used=tuple(expected_side.used))
+        got = self._unobserved_as_expected(scenario, got, expected)
+        return self._judge(reference, expected, got, scenario, expected_side, got_side)
+
+    def _note_restore(self, op: Operation) -> None:
+        if isinstance(op, Stop):
+            self._restore.add("running")
+        elif isinstance(op, SetPollingInterval):
+            self._restore.add("polling")
+        elif isinstance(op, SetTarget):
+            self._restore.add("target")
+        elif isinstance(op, WriteConfig):
+            self._restore.add("actual")
+        elif isinstance(op, AddBuffer) and op.queue == STATSQ:
+            self._restore.add("stats")
+
+    def _collect(self, transport: QemuTransport, reference: ReferenceTransport, touched: set[str],
+                 expected_side: _Side, got_side: _Side) -> None:
+        """Used entries of the touched queues on both sides; QEMU gets until USED_DEADLINE to match counts."""
+        ref_entries = [(name, e.id, e.length) for name, queue in reference.driver.queues.items()
+                       for e in queue.collect_used()]
+        expected_side.used += ref_entries
+        queues = transport.balloon.driver.queues
+        names = transport.queue_names
+        wanted = {name: sum(1 for entry in ref_entries if entry[0] == name) for name in touched}
+        found: list[tuple[str, int, int]] = []
+
+        def gather() -> bool:
+            for name in touched:
+                index = names.index(name)
+                if index in queues:
+                    found.extend((name, e.id, e.length) for e in queues[index].collect_used())
+            return all(sum(1 for entry in found if entry[0] == name) >= count for name, count in wanted.items())
+
+        try:
+            wait_for(gather, USED_DEADLINE, "QEMU to use what the reference used", interval=0.0005)
+        except DeadlineExceeded:
+            pass  # fewer than the reference: the comparison shows it
+        got_side.used += found
+
+    def _observe(self, transport: QemuTransport, scenario: Scenario, side: _Side) -> Observation:
+        """QEMU's state at the end of the input, in few round trips."""
+        machine, driver = transport.machine, transport.balloon.driver
+        stderr = self._new_stderr()
+        crash = tuple(m.group(0).strip() for m in CRASH_LINE.finditer(stderr))
+        if crash or machine.process is None or machine.process.poll() is not None:
+            return Observation(alive=False, crash=crash or (machine.exit_description(),))
+        config = b"".join(driver.config_read(offset, 4).to_bytes(4, "little")
+                          for offset in range(0, transport.config_size, 4))
+        ops = scenario.operations
+        pages: tuple[tuple[int, bytes], ...] = ()
+        if any(isinstance(op, FillPage) or isinstance(op, AddBuffer) and op.queue in PAGE_CHANGING_QUEUES
+               for op in ops):
+            pool = machine.qtest.read(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE)
+            pages = tuple((POOL_FIRST_PFN + i, pool[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(POOL_PAGES))
+        query_balloon, stats, stats_updated = 0, (), False
+        if _writes_actual(ops):
+            query_balloon = int(machine.qmp.command("query-balloon")["actual"])
+        if _may_change_stats(ops):
+            guest_stats = transport.balloon.guest_stats()
+            stats, stats_updated = tuple(sorted(guest_stats["stats"].items())), bool(guest_stats["last-update"])
+        events = tuple(e["data"]["actual"] for e in machine.qmp.take_events("BALLOON_CHANGE"))
+        if events and events[0] == machine.ram_bytes:
+            events = events[1:]  # the restore's actual = 0, rate-limited into this input
+        return Observation(alive=True, status=driver.status, config=config, used=tuple(side.used),
+                           query_balloon=query_balloon, guest_stats=stats, stats_updated=stats_updated, events=events,
+                           pages=pages, device_errors=len(DEVICE_ERROR_LINE.findall(stderr)))
+
+    @staticmethod
+    def _unobserved_as_expected(scenario: Scenario, got: Observation, expected: Observation) -> Observation:
+        """What `_observe` did not ask QEMU for takes the reference's value (it is not compared)."""
+        if not got.alive:
+            return got
+        ops = scenario.operations
+        changes: dict[str, Any] = {}
+        if not got.pages:
+            changes["pages"] = expected.pages
+        if not _writes_actual(ops):
+            changes["query_balloon"] = expected.query_balloon
+        if not _may_change_stats(ops):
+            changes.update(guest_stats=expected.guest_stats, stats_updated=expected.stats_updated)
+        return dataclasses.replace(got, **changes)
+
+    def _lost(self, error: str) -> Finding:
+        """QEMU died or stopped answering: a crash or a hang; the next input gets a fresh QEMU."""
+        assert self.transport is not None
+        machine = self.transport.machine
+        hang = "did not answer" in error and machine.process is not None and machine.process.poll() is None
+        stderr_tail = tail(machine.logs.stderr, 20)
+        evidence = [m.group(0).strip() for m in CRASH_LINE.finditer(self._new_stderr())]
+        self.close()
+        kind = "hang" if hang and not evidence else "crash"
+        return Finding(kind, f"QEMU {kind}: {'; '.join(evidence) or error}", (error,), stderr_tail=stderr_tail)
+
+    def _judge(self, reference: ReferenceTransport, expected: Observation, got: Observation, scenario: Scenario,
+               expected_side: _Side, got_side: _Side) -> Finding | None:
+        differences = compare(reference, expected, got)
+        for number, (op, want, have) in enumerate(zip(scenario.operations, expected_side.answers, got_side.answers),
+                                                   1):
+            if want[0] != have[0]:
+                differences.append(Difference("BAL-CFG-LEG-LE", f"operation {number} {op!r} read", want[0], have[0]))
+            if (want[1] is None) != (have[1] is None):
+                differences.append(Difference("BAL-CFG-LEG-LE", f"operation {number} {op!r} refused",
+                                              want[1], have[1]))
+        if not got.alive:
+            return self._lost("; ".join(got.crash))
+        if not differences or any(d.requirement and deviation_for(d.requirement, self.qemu.version)
+                                  for d in differences):
+            return None
+        kind = "device-error" if got.device_errors and not expected.device_errors else "difference"
+        return Finding(kind, str(differences[0]), tuple(map(str, differences)), _fingerprint(got),
+                       _fingerprint(expected), tail(self.transport.machine.logs.stderr, 20) if self.transport else "")
