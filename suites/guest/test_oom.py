@@ -1,0 +1,62 @@
+"""A real OOM in the guest while the balloon holds memory: deflate-on-OOM gives pages back, otherwise the balloon holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from vballoon.guest.memhog import start_hog
+from vballoon.guest.procfs import read_guest_memory
+from vballoon.guest.target import MIB, set_target
+from vballoon.matrix import Variant
+from vballoon.qemu.machine import Machine
+from vballoon.waiting import wait_for
+
+BALLOON_MIB = 256
+BEYOND_AVAILABLE_MIB = 64
+HOG_DEADLINE_S = 180.0  # measured 10-40 s under TCG for a 250 MiB hog that meets the OOM path
+
+
+def inflate_and_hog(vm: Machine) -> tuple[int, int, object]:
+    """Inflate by BALLOON_MIB, then start a hog of MemAvailable + BEYOND_AVAILABLE_MIB; (target, oom_kill before, hog)."""
+    target = (vm.memory_mib - BALLOON_MIB) * MIB
+    set_target(vm, target)
+    memory = read_guest_memory(vm.ssh)
+    wanted = memory.mem("MemAvailable") // MIB + BEYOND_AVAILABLE_MIB
+    hog = start_hog(vm.ssh, f"alloc --mib {wanted} --step-mib 8 --hold-forever", "oom", oom_score_adj=1000)
+    return target, memory.vmstat["oom_kill"], hog
+
+
+@pytest.mark.req("BAL-DRV-OOM-2")
+def test_deflate_on_oom_feeds_the_hog(shared_vm: Machine, variant: Variant) -> None:
+    """With DEFLATE_ON_OOM the driver gives balloon pages to the hog: actual shrinks, nobody is OOM-killed."""
+    if not variant.deflate_on_oom:
+        pytest.skip("the variant does not offer DEFLATE_ON_OOM; test_balloon_holds_under_oom covers it")
+    vm = shared_vm
+    target, kills_before, hog = inflate_and_hog(vm)
+    hog.wait_line(r"memhog: holding \d+ MiB", HOG_DEADLINE_S)
+    actual = vm.query_balloon_bytes()
+    kills = read_guest_memory(vm.ssh).vmstat["oom_kill"] - kills_before
+    assert actual > target, (f"BAL-DRV-OOM-2: expected actual above the target {target} after the guest ran out "
+                             f"of memory (pages deflated for the hog), got {actual}")
+    assert actual < vm.memory_mib * MIB, f"expected the balloon to still hold pages, got actual {actual} (all RAM)"
+    assert kills == 0, (f"BAL-DRV-OOM-2: expected no OOM kill while the balloon holds {vm.memory_mib * MIB - actual} "
+                        f"bytes, got {kills} (oom_kill in /proc/vmstat)")
+    hog.stop()
+
+
+@pytest.mark.oom_report_expected
+@pytest.mark.req("BAL-DRV-OOM-1")
+def test_balloon_holds_under_oom(shared_vm: Machine, variant: Variant) -> None:
+    """Without DEFLATE_ON_OOM the balloon keeps its pages: the OOM killer acts and the guest survives."""
+    if variant.deflate_on_oom:
+        pytest.skip("the variant offers DEFLATE_ON_OOM; test_deflate_on_oom_feeds_the_hog covers it")
+    vm = shared_vm
+    target, kills_before, hog = inflate_and_hog(vm)
+    wait_for(lambda: not hog.running(), HOG_DEADLINE_S, "the OOM killer to end the hog",
+             describe_last=lambda: repr(hog.output()[-200:]))
+    kills = read_guest_memory(vm.ssh).vmstat["oom_kill"] - kills_before
+    assert kills >= 1, f"expected the OOM killer to act (oom_kill in /proc/vmstat), got {kills} kills"
+    actual = vm.query_balloon_bytes()
+    assert actual == target, (f"BAL-DRV-OOM-1: expected the balloon to hold (actual {target}) through the OOM, "
+                              f"got {actual}")
+    vm.ssh.run("true", timeout=30)
