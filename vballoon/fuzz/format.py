@@ -35,6 +35,7 @@ naming the file. `encode` writes the canonical form: `decode(encode(s)) == s` fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,8 +102,9 @@ def device_byte(variant: Variant, legacy_interface: bool) -> int:
             | variant.free_page_reporting << 4 | (not variant.page_poison) << 5)
 
 
+@functools.lru_cache(maxsize=256)
 def device_from_byte(byte: int) -> tuple[Variant, bool]:
-    """The variant and interface byte 1 names (reserved bits ignored)."""
+    """The variant and interface byte 1 names (reserved bits ignored); cached, as every input asks."""
     transport, legacy_interface = INTERFACES[byte & 3]
     return Variant(transport=transport, deflate_on_oom=bool(byte & 4), free_page_hint=bool(byte & 8),
                    free_page_reporting=bool(byte & 16), page_poison=not byte & 32), legacy_interface
@@ -151,12 +153,8 @@ class ScenarioState:
         elif isinstance(op, AddBuffer):
             if op.queue not in self.usable_queues():
                 return None
-            if op.queue == STATSQ:
-                op = AddBuffer(op.queue, op.out or bytes(1))
-            elif not all(map(writable_page, op.in_pfns)):
-                op = AddBuffer(op.queue, op.out, tuple(filter(writable_page, op.in_pfns)))
-            elif not op.out and not op.in_pfns:
-                op = AddBuffer(op.queue, bytes(1))
+            in_pfns = () if op.queue == STATSQ else tuple(filter(writable_page, op.in_pfns))
+            op = AddBuffer(op.queue, op.out if op.out or in_pfns else bytes(1), in_pfns)
             used = self.descriptors.get(op.queue, 0) + bool(op.out) + len(op.in_pfns)
             if used > QUEUE_DESCRIPTORS:
                 return None

@@ -1,0 +1,7 @@
+#!/usr/bin/env python3
+"""libFuzzer entry point of the 'report' target (see vballoon.fuzz.targets): python fuzz/fuzz_report.py [libFuzzer options] [CORPUS_DIR...]"""
+
+from vballoon.fuzz.harness import main
+
+if __name__ == "__main__":
+    main("report")

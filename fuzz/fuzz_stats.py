@@ -1,0 +1,7 @@
+#!/usr/bin/env python3
+"""libFuzzer entry point of the 'stats' target (see vballoon.fuzz.targets): python fuzz/fuzz_stats.py [libFuzzer options] [CORPUS_DIR...]"""
+
+from vballoon.fuzz.harness import main
+
+if __name__ == "__main__":
+    main("stats")

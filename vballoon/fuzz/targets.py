@@ -1,0 +1,132 @@
+"""The fuzz targets: what each turns its input bytes into, and where the result runs.
+
+Every target maps ANY bytes to a `Scenario` with the deterministic decoders of `vballoon.fuzz.format`,
+so a saved input replays without atheris, on the reference and on QEMU alike. The buffer targets spend
+their bytes on one buffer (libFuzzer's mutations then reshape the buffer itself); `scenario` and
+`qemu_differential` decode the full scenario format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from vballoon.fuzz.format import (VERSION, decode, device_byte, device_from_byte, offered_balloon_features,
+                                  ScenarioState)
+from vballoon.matrix import Variant
+from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
+from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature, encode_cmd_id, encode_pfns,
+                           encode_stats)
+from vballoon.transport import (POOL_PFNS, AddBuffer, FillPage, Negotiate, Operation, ReadConfig, Reset, Scenario,
+                                WriteConfig)
+
+HINT_DEVICE = 8
+REPORTING_DEVICE = 16
+POOL_FILL = 0xA5
+"""Pool pages are filled first so a page the device discards reads back differently."""
+
+
+def _runnable(variant: Variant, legacy_interface: bool, ops: list[Operation]) -> Scenario:
+    """`ops` through the format's admission rules (the same validity as decoded scenarios)."""
+    state = ScenarioState(variant)
+    admitted = [op for op in map(state.admit, ops) if op is not None]
+    return Scenario(variant, legacy_interface, tuple(admitted))
+
+
+def _negotiated(data: bytes, force: int = 0) -> tuple[Variant, bool, Negotiate]:
+    variant, legacy_interface = device_from_byte((data[0] if data else 0) | force)
+    return variant, legacy_interface, Negotiate(offered_balloon_features(variant))
+
+
+def stats_scenario(data: bytes) -> Scenario:
+    """byte 0: device; the rest: one stats buffer."""
+    variant, legacy, negotiate = _negotiated(data)
+    return _runnable(variant, legacy, [negotiate, AddBuffer(STATSQ, data[1:])])
+
+
+def pfn_scenario(data: bytes) -> Scenario:
+    """byte 0: device; byte 1: bit 0 deflate instead of inflate, bit 1 then the other queue; the rest: PFNs."""
+    variant, legacy, negotiate = _negotiated(data)
+    flags = data[1] if len(data) > 1 else 0
+    first, second = (DEFLATEQ, INFLATEQ) if flags & 1 else (INFLATEQ, DEFLATEQ)
+    ops: list[Operation] = [FillPage(pfn, POOL_FILL) for pfn in POOL_PFNS]
+    ops += [negotiate, AddBuffer(first, data[2:])]
+    ops += [AddBuffer(second, data[2:])] if flags & 2 else []
+    return _runnable(variant, legacy, ops)
+
+
+def hint_scenario(data: bytes) -> Scenario:
+    """byte 0: device (free-page-hint forced on); byte 1: pool pages as in buffers (bit i: page i); the rest: out."""
+    variant, legacy, negotiate = _negotiated(data, HINT_DEVICE)
+    pages = data[1] if len(data) > 1 else 0
+    in_pfns = tuple(pfn for i, pfn in enumerate(POOL_PFNS[:4]) if pages >> i & 1)
+    ops: list[Operation] = [FillPage(pfn, POOL_FILL) for pfn in in_pfns]
+    return _runnable(variant, legacy, ops + [negotiate, AddBuffer(FREE_PAGE_VQ, data[2:], in_pfns)])
+
+
+def report_scenario(data: bytes) -> Scenario:
+    """byte 0: device (reporting forced on); byte 1: pool pages reported (bit i: page i), bit 4: with PAGE_POISON;
+    bytes 2-5: poison_val; byte 6: the pool's fill byte."""
+    variant, legacy, negotiate = _negotiated(data, REPORTING_DEVICE)
+    padded = data + bytes(max(0, 7 - len(data)))
+    pages, fill = padded[1], padded[6]
+    features = negotiate.features if pages & 16 else negotiate.features & ~(1 << Feature.PAGE_POISON)
+    ops: list[Operation] = [FillPage(pfn, fill) for pfn in POOL_PFNS]
+    in_pfns = tuple(pfn for i, pfn in enumerate(POOL_PFNS[:4]) if pages >> i & 1)
+    ops += [Negotiate(features, int.from_bytes(padded[2:6], "little")), AddBuffer(REPORTING_VQ, b"", in_pfns)]
+    return _runnable(variant, legacy, ops)
+
+
+def config_scenario(data: bytes) -> Scenario:
+    """byte 0: device; the rest: scenario operations of which only config accesses, Negotiate and Reset are kept."""
+    decoded = decode(bytes([VERSION]) + data)
+    kept = [op for op in decoded.operations if isinstance(op, (WriteConfig, ReadConfig, Negotiate, Reset))]
+    variant = decoded.variant
+    return _runnable(variant, decoded.legacy_interface, [Negotiate(offered_balloon_features(variant)), *kept])
+
+
+def differential_scenario(device: int) -> Callable[[bytes], Scenario]:
+    """The full format with the device byte replaced: one QEMU serves one device configuration."""
+    def scenario(data: bytes) -> Scenario:
+        return decode(data[:1] + bytes([device]) + data[2:])
+    return scenario
+
+
+@dataclass(frozen=True)
+class Target:
+    """One fuzz target: `fuzz/fuzz_<name>.py`."""
+
+    name: str
+    summary: str
+    scenario_for: Callable[[bytes], Scenario]
+    on_qemu: bool = False
+    dictionary: tuple[bytes, ...] = ()
+
+
+DIFFERENTIAL_VARIANT = Variant(transport="transitional", deflate_on_oom=True, free_page_hint=True,
+                               free_page_reporting=True)
+"""The device the differential target fuzzes by default: every property on, modern interface."""
+STATS_WORDS = tuple(tag.to_bytes(2, "little") for tag in range(17)) + (b"\xff\xff", b"\xff" * 8)
+PFN_WORDS = tuple(encode_pfns([pfn]) for pfn in (*POOL_PFNS[:2], 0, 0x8000, 0xFFFFF, 0x80000800, 0xFFFFFFFF))
+CMD_ID_WORDS = tuple(encode_cmd_id(i) for i in (CMD_ID_STOP, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_FIRST))
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("stats", "one stats buffer on the reference", stats_scenario,
+           dictionary=STATS_WORDS + (encode_stats([(4, 1 << 30)]),)),
+    Target("pfn", "inflate/deflate PFN buffers on the reference", pfn_scenario, dictionary=PFN_WORDS),
+    Target("hint", "a free page hint command buffer on the reference", hint_scenario, dictionary=CMD_ID_WORDS),
+    Target("report", "a free page report buffer on the reference", report_scenario),
+    Target("config", "config space accesses on the reference", config_scenario),
+    Target("scenario", "whole scenarios on the reference", decode),
+    Target("qemu_differential", "whole scenarios on QEMU over qtest and on the reference",
+           differential_scenario(device_byte(DIFFERENTIAL_VARIANT, False)), on_qemu=True),
+)}
+
+
+def target_named(name: str) -> Target:
+    """The target `name` (as in fuzz_<name>.py); KeyError lists the known ones."""
+    try:
+        return TARGETS[name.removeprefix("fuzz_")]
+    except KeyError:
+        raise KeyError(f"unknown fuzz target {name!r}; known: {', '.join(TARGETS)}") from None
+
