@@ -7,13 +7,14 @@ reports/bench-*.json with the QEMU, kernel and accelerator they were measured on
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import Machine
+from vballoon.qemu.machine import Machine, QemuBinary
 from vballoon.session import Session
 
 BOOT_TARGET_S = 5.0  # issue target: median boot-to-SSH under TCG on a 2-core host
@@ -113,4 +114,34 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         print(f"{tier_name}: {wall:.0f} s wall (target {MATRIX_TARGETS_S.get(tier_name)} s), {outcomes}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+FUZZ_REFERENCE_TARGET = 10_000  # issue target: exec/s per core of a reference-only target
+FUZZ_QEMU_TARGET = 300  # issue target: exec/s of the QEMU differential target
+
+
+def run_fuzz_benchmark(qemu: str | None, seconds: int, out: Path) -> dict[str, object]:
+    """Fuzz every target for `seconds` on one core each (seeds only, findings to a scratch dir); record exec/s."""
+    from vballoon.fuzz.campaign import run_target
+    from vballoon.fuzz.harness import FUZZ_DIR
+    from vballoon.fuzz.targets import TARGETS
+
+    binary = QemuBinary.find(qemu)
+    targets: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="vballoon-bench-fuzz-") as scratch:
+        for name, target in TARGETS.items():
+            run = run_target(name, seconds, 1, str(binary.path), Path(scratch), FUZZ_DIR / "corpora")
+            wanted = FUZZ_QEMU_TARGET if target.on_qemu else FUZZ_REFERENCE_TARGET
+            targets[name] = {"exec_per_s": round(run.exec_per_s), "executions": run.executions,
+                             "coverage": run.coverage, "findings": len(run.findings), "target_exec_per_s": wanted,
+                             "meets_target": run.exec_per_s >= wanted}
+    result: dict[str, object] = {"benchmark": "fuzz-exec-per-second", "qemu": binary.version_text,
+                                 "seconds_per_target": seconds, "cpus": os.cpu_count(),
+                                 "load_average_1m": os.getloadavg()[0], "targets": targets}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, numbers in targets.items():
+        print(f"fuzz_{name}: {numbers['exec_per_s']} exec/s (target {numbers['target_exec_per_s']})")  # type: ignore[index]
+    print(f"-> {out}")
     return result

@@ -1,4 +1,4 @@
-"""The `vballoon` command: run the suites, build the guest image, report, benchmark.
+"""The `vballoon` command: run the suites, build the guest image, report, benchmark, fuzz, reproduce.
 
 Errors a user can cause print one line (`vballoon: error: ...`) and exit 2;
 Ctrl-C stops every QEMU the command started and exits 130.
@@ -63,6 +63,60 @@ def _cmd_bench_matrix(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_fuzz(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.errors import UsageError
+    from vballoon.fuzz.campaign import run_target, write_junit
+    from vballoon.fuzz.harness import FUZZ_DIR
+    from vballoon.fuzz.targets import TARGETS
+
+    if args.target is None and not args.report:
+        raise UsageError(f"vballoon fuzz: name a target ({', '.join(TARGETS)}) or 'all', or pass --report")
+    names = list(TARGETS) if args.target in (None, "all") else [args.target.removeprefix("fuzz_")]
+    runs = [run_target(name, args.time, args.jobs, args.qemu, Path(args.crashes), FUZZ_DIR / "corpora")
+            for name in names]
+    if args.report:
+        write_junit(runs, Path(args.junit))
+        print(f"fuzz report -> {args.junit}")
+    return 1 if any(run.findings or run.errors for run in runs) else 0
+
+
+def _cmd_reproduce(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.fuzz.reproduce import emit_qtest, replay
+    from vballoon.qemu.machine import QemuBinary
+
+    qemu = QemuBinary.find(args.qemu)
+    outcomes = []
+    for name in args.files:
+        try:
+            if args.emit_qtest:
+                print(emit_qtest(Path(name), qemu), end="")
+                outcomes.append(0)
+                continue
+            result = replay(Path(name), qemu)
+        except VballoonError as error:
+            print(f"vballoon: error: {error}", file=sys.stderr)
+            outcomes.append(2)
+            continue
+        if result.finding is None:
+            print(f"{name}: no longer reproduces (target {result.target.name})")
+            outcomes.append(0)
+            continue
+        print(f"{name}: reproduces (target {result.target.name}): {result.finding.kind}: {result.finding.summary}")
+        for line in result.finding.differences[1:]:
+            print(f"  {line}")
+        if result.finding.stderr_tail:
+            print("QEMU stderr tail:\n" + result.finding.stderr_tail)
+        outcomes.append(1)
+    return 1 if 1 in outcomes else max(outcomes, default=0)
+
+
+def _cmd_bench_fuzz(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.benchmarks import run_fuzz_benchmark
+
+    run_fuzz_benchmark(args.qemu, args.time, Path(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vballoon", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--boots", type=int, default=5)
     boot.add_argument("--out", default="reports/bench-boot.json")
     boot.set_defaults(handler=_cmd_bench_boot)
+    bench_fuzz = bench.add_parser("fuzz", help="exec/s of every fuzz target, written to reports/bench-fuzz.json")
+    bench_fuzz.add_argument("--qemu", help="qemu-system-x86_64 for the differential target (default: on PATH)")
+    bench_fuzz.add_argument("--time", type=int, default=20, help="seconds per target")
+    bench_fuzz.add_argument("--out", default="reports/bench-fuzz.json")
+    bench_fuzz.set_defaults(handler=_cmd_bench_fuzz)
+
+    fuzz = commands.add_parser("fuzz", help="run fuzz targets (fuzz/fuzz_*.py); findings go to fuzz/crashes/")
+    fuzz.add_argument("target", nargs="?", help="stats, pfn, hint, report, config, scenario, qemu_differential "
+                                                "or all")
+    fuzz.add_argument("--time", type=int, default=60, help="seconds per target")
+    fuzz.add_argument("--jobs", type=int, default=1, help="fuzzing processes per target")
+    fuzz.add_argument("--qemu", help="qemu-system-x86_64 for the differential target (default: on PATH)")
+    fuzz.add_argument("--crashes", default="fuzz/crashes", help="where findings are saved, per target")
+    fuzz.add_argument("--report", action="store_true", help="write a JUnit report (every target unless one is named)")
+    fuzz.add_argument("--junit", default="reports/fuzz-junit.xml", help="where --report writes")
+    fuzz.set_defaults(handler=_cmd_fuzz)
+
+    reproduce = commands.add_parser("reproduce", help="replay saved fuzz inputs: exit 1 if a finding reproduces")
+    reproduce.add_argument("files", nargs="+", metavar="FILE", help="crash files or seeds")
+    reproduce.add_argument("--qemu", help="qemu-system-x86_64 to replay on (default: the one on PATH)")
+    reproduce.add_argument("--emit-qtest", action="store_true",
+                           help="print the QEMU command line and qtest lines for `qemu-system-x86_64 ... -qtest stdio`")
+    reproduce.set_defaults(handler=_cmd_reproduce)
     matrix = bench.add_parser("matrix", help="wall time of suites/guest per tier and per variant, "
                                              "written to reports/bench-matrix.json")
     _add_target_options(matrix)

@@ -108,6 +108,8 @@ class QemuDifferential:
         self.legacy_interface = legacy_interface
         self.log_dir = log_dir
         self.transport: QemuTransport | None = None
+        self.last_transport: QemuTransport | None = None
+        """The QEMU used last, kept after it stops: its recording is the standalone reproducer."""
         self.starts = 0
         self._stderr_offset = 0
         self._stats_primed = False
@@ -123,6 +125,7 @@ class QemuDifferential:
     def close(self) -> None:
         if self.transport is not None:
             transport, self.transport = self.transport, None
+            self.last_transport = transport
             transport.__exit__(None, None, None)
 
     # --- QEMU's lifecycle ------------------------------------------------------------------
@@ -132,7 +135,7 @@ class QemuDifferential:
         transport = QemuTransport(self.qemu, self.variant, self.legacy_interface, self.log_dir)
         transport.machine.qtest_timeout = QTEST_DEADLINE
         transport.__enter__()
-        self.transport, self.starts = transport, self.starts + 1
+        self.transport, self.last_transport, self.starts = transport, transport, self.starts + 1
         self._stderr_offset = self._stderr_size()
         self._stats_primed = False
         self._restore = set()
