@@ -130,6 +130,9 @@ def run_target(target: str, seconds: int, jobs: int, qemu: str | None, crashes: 
             env["VBALLOON_QEMU"] = qemu
         command = [sys.executable, str(FUZZ_DIR / f"fuzz_{target}.py"), f"-max_total_time={seconds}",
                    "-print_final_stats=1", f"-artifact_prefix={work}/", str(corpus)]
+        dictionary = FUZZ_DIR / f"fuzz_{target}.dict"
+        if dictionary.exists():
+            command.insert(2, f"-dict={dictionary}")
         processes = [subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
                      for _ in range(jobs)]
