@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from fixtures.qtest_device import ALL_PROPERTIES, TRANSPORTS, DeviceVariant, QtestBalloon, over
+from fixtures.qtest_device import ALL_PROPERTIES, TRANSPORTS, DeviceVariant, over
 from vballoon.matrix import MODELLED_BITS
-from vballoon.qemu.qtest_machine import QtestMachine
+from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.qemu.virtio_status import parse_status
 from vballoon.spec import BALLOON_FEATURES, CONFIG_SIZE_FULL, Feature, config_size, feature_mask, has_feature
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from fixtures.qtest_device import TRANSPORTS, DeviceVariant, QtestBalloon, over
-from vballoon.qemu.qtest_machine import QtestMachine
+from fixtures.qtest_device import TRANSPORTS, DeviceVariant, over
+from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.spec import CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_STOP, ConfigField
 from vballoon.waiting import wait_for
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.qtest_device import INFLATEQ, TRANSPORTS, QtestBalloon, over
-from vballoon.qemu.qtest_machine import QtestMachine
+from fixtures.qtest_device import TRANSPORTS, over
+from vballoon.qemu.qtest_machine import INFLATEQ, QtestBalloon, QtestMachine
 from vballoon.qemu.virtio_pci import MMIO_WINDOW
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, encode_pfns
 from vballoon.virtqueue import Buffer

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from fixtures.qtest_device import TRANSPORTS, DeviceVariant, QtestBalloon, over
-from vballoon.qemu.qtest_machine import QtestMachine
+from fixtures.qtest_device import TRANSPORTS, DeviceVariant, over
+from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.spec import PAGE_SIZE, Feature, feature_mask
 from vballoon.virtqueue import Buffer
 

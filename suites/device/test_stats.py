@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from fixtures.qtest_device import STATSQ, TRANSPORTS, DeviceVariant, QtestBalloon, expect_conformance, over
-from vballoon.qemu.qtest_machine import QtestMachine
+from fixtures.qtest_device import TRANSPORTS, DeviceVariant, expect_conformance, over
+from vballoon.qemu.qtest_machine import STATSQ, QtestBalloon, QtestMachine
 from vballoon.spec import STAT_UNSET, STATS, StatTag, encode_stats
 from vballoon.waiting import wait_for
 

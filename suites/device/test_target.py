@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.qtest_device import TRANSPORTS, DeviceVariant, QtestBalloon, expect_conformance, over
-from vballoon.qemu.qtest_machine import QtestMachine
+from fixtures.qtest_device import TRANSPORTS, DeviceVariant, expect_conformance, over
+from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.spec import PAGE_SIZE, ConfigField
 
 ISR_CONFIG_CHANGED = 0x2

@@ -62,6 +62,8 @@ class QtestClient:
         self.clock_step_supported = clock_step_supported
         self.irq_levels: dict[int, bool] = {}
         self.round_trips = 0
+        self.recording: list[str] | None = None
+        """When a list, every request line sent from now on is appended to it, in order (for reproducers)."""
         self.base64 = self._probe_base64()
 
     def close(self) -> None:
@@ -97,6 +99,8 @@ class QtestClient:
         payload = "".join(f"{line}\n" for line in batch)
         if self._transcript is not None:
             self._transcript.write(payload)
+        if self.recording is not None:
+            self.recording.extend(batch)
         try:
             self._socket.sendall(payload.encode("ascii"))
         except OSError as error:

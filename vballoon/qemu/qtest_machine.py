@@ -22,13 +22,17 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import QEMU_TROUBLE, MachineLogs, QemuBinary, die_with_parent, tail
+from vballoon.qemu.machine import MachineLogs, QemuBinary, die_with_parent, tail
 from vballoon.qemu.monitor import Monitor
 from vballoon.qemu.qtest import QtestClient, has_qtest_accelerator
+from vballoon.qemu.virtio_pci import BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_ID_TRANSITIONAL, VirtioPciDriver
+from vballoon.spec import BALLOON_FEATURES, PAGE_SIZE, BalloonConfig, ConfigField, Feature, encode_pfns, \
+    feature_mask, has_feature
+from vballoon.virtqueue import Buffer, UsedElement
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 FIRMWARE_SIZE = 64 * 1024
@@ -38,7 +42,13 @@ BALLOON_ID = "balloon0"
 IOTHREAD_ID = "iothread0"
 START_TIMEOUT = 30.0
 EXIT_TIMEOUT = 5.0
-GLIB_ASSERTION = re.compile(r"^ERROR:.*(assertion failed|code should not be reached).*$", re.MULTILINE)
+CRASH_LINE = re.compile(r"^(ERROR:.*(assertion failed|code should not be reached).*|.*Assertion .* failed.*|"
+                        r".*Segmentation fault.*|.*Aborted.*)$", re.MULTILINE)
+DEVICE_ERROR_LINE = re.compile(r"^qemu-system-[^:]+: (?!warning:|terminating on signal|.*Assertion .* failed)(.*)$",
+                               re.MULTILINE)
+INFLATEQ = 0
+DEFLATEQ = 1
+STATSQ = 2
 
 
 def halting_firmware() -> bytes:
@@ -65,6 +75,7 @@ class QtestMachine:
         self._qmp: Monitor | None = None
         self._qtest: QtestClient | None = None
         self._runtime_dir: Path | None = None
+        self._expected_device_errors: list[str] = []
 
     @property
     def ram_bytes(self) -> int:
@@ -149,20 +160,32 @@ class QtestMachine:
 
     def command_line(self, firmware: Path, qtest_socket: Path, qmp_socket: Path) -> list[str]:
         """The QEMU command line: q35, the halting firmware, qtest, QMP, the balloon."""
+        args = self._machine_args() + [
+            "-bios", str(firmware), "-qtest", f"unix:{qtest_socket}", "-qtest-log", "none",
+            "-chardev", f"socket,id=qmp,path={qmp_socket}", "-mon", "chardev=qmp,mode=control",
+        ]
+        for event in self.trace_events:
+            args += ["-trace", event]
+        return args
+
+    def standalone_command_line(self) -> list[str]:
+        """The same machine with qtest on stdin/stdout, for a reproducer pasted into a shell.
+
+        No QMP and no firmware stub: the machine stays stopped (-S), which the
+        device's registers and queues do not need.
+        """
+        return self._machine_args() + ["-qtest", "stdio", "-qtest-log", "none"]
+
+    def _machine_args(self) -> list[str]:
         args = [
             str(self.qemu.path), "-machine", "q35", "-accel", self.accel,
             "-nodefaults", "-no-user-config", "-display", "none", "-S",
-            "-m", f"{self.memory_mib}M", "-smp", "1", "-bios", str(firmware),
-            "-qtest", f"unix:{qtest_socket}", "-qtest-log", "none",
-            "-chardev", f"socket,id=qmp,path={qmp_socket}", "-mon", "chardev=qmp,mode=control",
+            "-m", f"{self.memory_mib}M", "-smp", "1",
         ]
         if self.variant.free_page_hint:
             args += ["-object", f"iothread,id={IOTHREAD_ID}"]
         props = ",".join(f"{k}={v}" for k, v in self.variant.device_properties(IOTHREAD_ID).items())
-        args += ["-device", f"virtio-balloon-pci,id={BALLOON_ID},{props}"]
-        for event in self.trace_events:
-            args += ["-trace", event]
-        return args
+        return args + ["-device", f"virtio-balloon-pci,id={BALLOON_ID},{props}"]
 
     def stop(self) -> None:
         """Close qtest and QMP, SIGTERM QEMU, SIGKILL what is left; the runtime dir goes whatever happens."""
@@ -210,15 +233,30 @@ class QtestMachine:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         return f"QEMU {how}; stderr tail: {tail(self.logs.stderr, 5)!r} ({self.describe_logs()})"
 
-    def problems(self) -> list[str]:
-        """Evidence of a QEMU crash: exit by signal or failure status, assertion or error lines on stderr."""
+    def _stderr_text(self) -> str:
+        return self.logs.stderr.read_text(errors="replace") if self.logs.stderr.exists() else ""
+
+    def crash_evidence(self) -> list[str]:
+        """Exit by a signal or a failure status, assertion, segfault or abort lines on stderr."""
         found: list[str] = []
         if self.process is not None and self.process.poll() not in (None, 0):
             found.append(self.exit_description())
-        stderr = self.logs.stderr.read_text(errors="replace") if self.logs.stderr.exists() else ""
-        found += [f"QEMU stderr: {m.group(0).strip()}" for pattern in (QEMU_TROUBLE, GLIB_ASSERTION)
-                  for m in pattern.finditer(stderr)]
+        found += [f"QEMU stderr: {m.group(0).strip()}" for m in CRASH_LINE.finditer(self._stderr_text())]
         return found
+
+    def device_errors(self) -> list[str]:
+        """The texts QEMU printed as `qemu-system-x86_64: <text>` (virtio_error and other errors), in order."""
+        return [m.group(1).strip() for m in DEVICE_ERROR_LINE.finditer(self._stderr_text())]
+
+    def expect_device_error(self, text: str) -> None:
+        """A device error containing `text` is what the test provokes: not a problem."""
+        self._expected_device_errors.append(text)
+
+    def problems(self) -> list[str]:
+        """Crash evidence, and device errors nobody said to expect."""
+        unexpected = [f"QEMU stderr: qemu-system-x86_64: {line}" for line in self.device_errors()
+                      if not any(text in line for text in self._expected_device_errors)]
+        return self.crash_evidence() + unexpected
 
     def assert_healthy(self) -> None:
         """Raise QemuError with the evidence and the log paths if QEMU crashed."""
@@ -228,3 +266,91 @@ class QtestMachine:
 
     def balloon_qom_path(self) -> str:
         return f"/machine/peripheral/{BALLOON_ID}"
+
+
+class QtestBalloon:
+    """The balloon as a driver on the host sees it: queues by role, PFN and stats buffers, config fields."""
+
+    def __init__(self, machine: QtestMachine, legacy_interface: bool) -> None:
+        self.machine = machine
+        self.qtest = machine.qtest
+        self.driver = VirtioPciDriver.open(machine.qtest, machine.ram_bytes,
+                                           (BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_ID_TRANSITIONAL),
+                                           legacy_interface)
+        self.offered = self.driver.interface.device_features()
+
+    @property
+    def default_features(self) -> int:
+        """Every offered balloon feature, plus VERSION_1 when offered."""
+        return self.offered & feature_mask(*BALLOON_FEATURES, Feature.VERSION_1)
+
+    def queue_index(self, feature: Feature) -> int:
+        """Where QEMU 7.2 puts the hinting and reporting queues: after statsq, in that order, when offered."""
+        index = STATSQ + 1
+        if feature == Feature.REPORTING and has_feature(self.offered, Feature.FREE_PAGE_HINT):
+            index += 1
+        return index
+
+    def start(self, features: int | None = None, poison_val: int | None = None) -> int:
+        """Negotiate (default: `default_features`), write `poison_val` if given (before DRIVER_OK, as
+        BAL-DRV-PP-2 asks), set up every queue QEMU created, DRIVER_OK; the features."""
+        features = self.default_features if features is None else features
+        if not self.driver.negotiate(features):
+            raise QemuError(f"the device refused FEATURES_OK for {features:#x}; status {self.driver.status:#x}")
+        if poison_val is not None:
+            self.driver.config_write(ConfigField.POISON_VAL, 4, poison_val)
+        for index in [INFLATEQ, DEFLATEQ, STATSQ] + [self.queue_index(f) for f in (Feature.FREE_PAGE_HINT,
+                                                                                   Feature.REPORTING)
+                                                     if has_feature(self.offered, f)]:
+            self.driver.setup_queue(index)
+        self.driver.driver_ok()
+        return features
+
+    # --- buffers ---------------------------------------------------------
+
+    def new_page(self, fill: int | None = None) -> int:
+        """A fresh 4 KiB page of guest RAM, optionally filled with one byte value."""
+        page = self.driver.allocator.alloc(PAGE_SIZE, align=PAGE_SIZE)
+        if fill is not None:
+            self.qtest.memset(page, PAGE_SIZE, fill)
+        return page
+
+    def post(self, queue: int, out: Sequence[bytes], writable: Sequence[Buffer] = ()) -> int:
+        """Put `out` buffers in guest RAM, publish one chain of them and `writable`, and notify; its head."""
+        buffers = [self._place(data) for data in out]
+        with self.qtest.pipeline():
+            head = self.driver.queues[queue].add_and_publish(buffers, writable)
+            self.driver.notify(queue)
+        return head
+
+    def _place(self, data: bytes) -> Buffer:
+        address = self.driver.allocator.alloc(max(len(data), 1))
+        self.qtest.write(address, data)
+        return Buffer(address, len(data))
+
+    def exchange(self, queue: int, out: Sequence[bytes], writable: Sequence[Buffer] = (),
+                 timeout: float = 5.0) -> UsedElement:
+        """Post one chain and wait for the device to use it."""
+        head = self.post(queue, out, writable)
+        (used,) = self.driver.wait_used(queue, 1, timeout)
+        assert used.id == head, f"device used head {used.id}, expected {head}"
+        return used
+
+    def inflate(self, pfns: Sequence[int]) -> UsedElement:
+        return self.exchange(INFLATEQ, [encode_pfns(pfns, self.driver.endian)])
+
+    def deflate(self, pfns: Sequence[int]) -> UsedElement:
+        return self.exchange(DEFLATEQ, [encode_pfns(pfns, self.driver.endian)])
+
+    # --- configuration and QMP -----------------------------------------------
+
+    def config_field(self, field: ConfigField) -> int:
+        return self.driver.config_read(int(field), 4)
+
+    def read_config(self, size: int) -> BalloonConfig:
+        """The first `size` bytes of the config space, read one byte at a time."""
+        return BalloonConfig.decode(bytes(self.driver.config_read(i, 1) for i in range(size)))
+
+    def guest_stats(self) -> dict[str, Any]:
+        return dict(self.machine.qmp.command("qom-get", path=self.machine.balloon_qom_path(),
+                                             property="guest-stats"))

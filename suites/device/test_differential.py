@@ -1,0 +1,177 @@
+"""Differential check: generated operation sequences on QEMU's balloon and on the reference device.
+
+A hypothesis state machine applies each generated operation to a fresh QEMU
+(over qtest) and to the reference, and fails on any QEMU observation outside
+the reference's allowed outcomes; the failure shrinks and its message holds
+the standalone reproducer. A difference that a listed deviation explains is
+collected, ends that example (the two devices no longer agree on state) and
+turns the test into an expected failure naming the deviation.
+
+One QEMU per example: starting one costs about 70 ms, while a device reset
+would not give a fresh device (guest-stats, last-update, the polling timer,
+num_pages, actual and discarded RAM all survive it in QEMU 7.2).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+
+from fixtures.qtest_device import TRANSPORTS, DeviceVariant, over
+from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
+from vballoon.requirements import deviation_for
+from vballoon.session import Session
+from vballoon.spec import (BALLOON_FEATURES, CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature,
+                           encode_cmd_id, encode_pfns, encode_stats, feature_mask, has_feature)
+from vballoon.transport import (POOL_PFNS, AddBuffer, Cont, DifferentialRun, FillPage, Negotiate, Operation,
+                                ReadConfig, Reset, SetPollingInterval, SetTarget, Stop, WriteConfig, scenario_to_json)
+
+DIFFERENTIAL_SETTINGS = settings(max_examples=25, stateful_step_count=15, deadline=None, derandomize=True,
+                                 database=None, suppress_health_check=[HealthCheck.too_slow])
+CASES = TRANSPORTS + (DeviceVariant(replace(TRANSPORTS[0].variant, free_page_hint=True, free_page_reporting=True,
+                                            deflate_on_oom=True)),)
+RAM_PAGES = 128 << 8
+OUTSIDE_RAM_PFNS = (RAM_PAGES, 0xFFFFF, 0x80000000 | POOL_PFNS[0], 0xFFFFFFFF)
+"""First page past RAM, the firmware's last page, a pool page with bit 31 set, all ones."""
+pool_pfns = st.sampled_from(POOL_PFNS)
+pfn_lists = st.lists(st.one_of(pool_pfns, st.sampled_from((0, *OUTSIDE_RAM_PFNS))), min_size=1, max_size=6)
+stat_tags = st.sampled_from((*range(10), 10, 15, 16, 99, 0xFFFF))
+stat_values = st.sampled_from((0, 1, 4096, 1 << 40, (1 << 64) - 2))
+polling_intervals = st.sampled_from((0, 3600, -1, 1 << 32, (1 << 32) - 1))
+cmd_ids = st.sampled_from((CMD_ID_STOP, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_FIRST))
+config_writes = st.sampled_from([(offset, width) for width in (1, 2, 4) for offset in range(4, 16, width)])
+config_reads = st.sampled_from([(offset, width) for width in (1, 2, 4) for offset in range(0, 16, width)])
+
+
+def differential_machine(session: Session, case: DeviceVariant,
+                         deviations_seen: dict[str, str]) -> type[RuleBasedStateMachine]:
+    """The state machine class for one device variant; `deviations_seen` collects requirement -> what was seen.
+
+    Each example's QEMU logs live in a temporary directory removed with it:
+    a failure carries its reproducer in the message.
+    """
+    offered_balloon_bits = [bit for bit in BALLOON_FEATURES
+                            if bit in case.variant.offered_features() and bit != Feature.MUST_TELL_HOST]
+
+    class DifferentialMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.resources = ExitStack()
+            log_dir = Path(self.resources.enter_context(tempfile.TemporaryDirectory(prefix="vballoon-diff-")))
+            self.run = self.resources.enter_context(
+                DifferentialRun(session.qemu, case.variant, case.legacy_interface, log_dir))
+            self.features: int | None = None
+            self.poison_val = 0
+            self.diverged = False
+
+        def teardown(self) -> None:
+            self.resources.close()
+
+        def apply(self, op: Operation) -> None:
+            if self.diverged:
+                return
+            step = self.run.step(op)
+            known = {d.requirement: d for d in step.differences
+                     if d.requirement and deviation_for(d.requirement, session.qemu.version)}
+            unknown = [d for d in step.differences if d.requirement not in known]
+            if unknown:
+                raise AssertionError(
+                    f"QEMU differs from the reference after {op!r}:\n" + "\n".join(f"  {d}" for d in unknown)
+                    + f"\nstandalone reproducer:\n{self.run.reproducer()}")
+            for requirement, difference in known.items():
+                deviations_seen.setdefault(requirement, f"{difference} in scenario {scenario_to_json(self.run.scenario)}")
+            self.diverged = bool(known)
+
+        @initialize(fills=st.lists(st.integers(0, 255), min_size=len(POOL_PFNS), max_size=len(POOL_PFNS)),
+                    poison_val=st.sampled_from((0, 0xAAAAAAAA)))
+        def fill_pool(self, fills: list[int], poison_val: int) -> None:
+            self.poison_val = poison_val
+            for pfn, byte in zip(POOL_PFNS, fills):
+                self.apply(FillPage(pfn, byte))
+
+        @rule(chosen=st.sets(st.sampled_from(offered_balloon_bits)))
+        def negotiate(self, chosen: set[Feature]) -> None:
+            """poison_val is the example's one value: the reference judges a page reported under PAGE_POISON
+            against the poison_val in effect now, not the one in effect when it was reported."""
+            self.features = feature_mask(*chosen)
+            self.apply(Negotiate(self.features, self.poison_val))
+
+        @rule(pages=st.one_of(st.integers(0, 64), st.sampled_from((RAM_PAGES, RAM_PAGES + 1, -256))))
+        def set_target(self, pages: int) -> None:
+            self.apply(SetTarget(pages))
+
+        @precondition(lambda self: self.features is not None)  # the reference takes a device without VERSION_1
+        @rule(where=config_writes, value=st.integers(0, 0xFFFFFFFF))  # negotiated as legacy, whatever the interface
+        def write_config(self, where: tuple[int, int], value: int) -> None:
+            offset, width = where
+            self.apply(WriteConfig(offset, width, value & ((1 << 8 * width) - 1)))
+
+        @rule(where=config_reads)
+        def read_config(self, where: tuple[int, int]) -> None:
+            self.apply(ReadConfig(*where))
+
+        @rule(pfn=pool_pfns, byte=st.integers(0, 255))
+        def fill_page(self, pfn: int, byte: int) -> None:
+            self.apply(FillPage(pfn, byte))
+
+        @precondition(lambda self: self.features is not None)
+        @rule(queue=st.sampled_from((INFLATEQ, DEFLATEQ)), pfns=pfn_lists, trailing=st.integers(0, 3))
+        def pfn_buffer(self, queue: str, pfns: list[int], trailing: int) -> None:
+            self.apply(AddBuffer(queue, encode_pfns(pfns) + bytes(trailing)))
+
+        @precondition(lambda self: self.features is not None)
+        @rule(entries=st.lists(st.tuples(stat_tags, stat_values), max_size=6), trailing=st.integers(0, 9))
+        def stats_buffer(self, entries: list[tuple[int, int]], trailing: int) -> None:
+            data = encode_stats(entries) + bytes(trailing)
+            self.apply(AddBuffer(STATSQ, data or bytes(1)))
+
+        @precondition(lambda self: self.features is not None and has_feature(self.features, Feature.FREE_PAGE_HINT))
+        @rule(cmd_id=cmd_ids, pages=st.lists(pool_pfns, max_size=2, unique=True))
+        def hint_buffer(self, cmd_id: int, pages: list[int]) -> None:
+            self.apply(AddBuffer(FREE_PAGE_VQ, encode_cmd_id(cmd_id), tuple(pages)))
+
+        @precondition(lambda self: self.features is not None and has_feature(self.features, Feature.REPORTING))
+        @rule(pages=st.lists(pool_pfns, min_size=1, max_size=3, unique=True))
+        def report_buffer(self, pages: list[int]) -> None:
+            self.apply(AddBuffer(REPORTING_VQ, in_pfns=tuple(pages)))
+
+        @rule(seconds=polling_intervals)
+        def set_polling_interval(self, seconds: int) -> None:
+            self.apply(SetPollingInterval(seconds))
+
+        @rule()
+        def stop(self) -> None:
+            self.apply(Stop())
+
+        @rule()
+        def cont(self) -> None:
+            self.apply(Cont())
+
+        @rule()
+        def reset(self) -> None:
+            self.features = None
+            self.apply(Reset())
+
+    return DifferentialMachine
+
+
+@pytest.mark.req("BAL-DEV-OP-1", "BAL-LEG-USED", "BAL-CFG-LEG-LE", "BAL-DRV-ACT-1", "BAL-DEV-ST-1", "BAL-DEV-ST-2",
+                 "BAL-DEV-FPH-3", "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-LEG-ACT", "BAL-DEV-LEG-ST-FIRST")
+@over(CASES)
+def test_qemu_stays_within_the_reference(session: Session, device_variant: DeviceVariant) -> None:
+    """Every generated scenario's observations on QEMU are among the reference device's allowed outcomes."""
+    deviations_seen: dict[str, str] = {}
+    machine = differential_machine(session, device_variant, deviations_seen)
+    run_state_machine_as_test(machine, settings=DIFFERENTIAL_SETTINGS)
+    if deviations_seen:
+        named = "; ".join(f"{requirement} ({deviation_for(requirement, session.qemu.version).behaviour})"  # type: ignore[union-attr]
+                          for requirement in sorted(deviations_seen))
+        first = deviations_seen[min(deviations_seen)]
+        pytest.xfail(f"known deviations of QEMU {session.qemu.version_text} seen: {named}\nfirst seen: {first}")
