@@ -53,6 +53,14 @@ bench: deps
 lint:
 	$(TOX) -e lint
 
+FUZZ_TIME ?= 60
+
+fuzz: deps
+	$(TOX) -e fuzz -- --time $(FUZZ_TIME)
+
+fuzz-corpora:
+	$(PYTHON) fuzz/make_corpora.py
+
 image: deps
 	$(TOX) -e image
 

@@ -25,7 +25,7 @@ from typing import Callable
 from vballoon.errors import DecodeError, UsageError
 from vballoon.fuzz.format import decode
 from vballoon.fuzz.harness import FUZZ_DIR
-from vballoon.fuzz.targets import TARGETS
+from vballoon.fuzz.targets import SCENARIO_FORMAT_TARGETS, TARGETS
 
 STATUS_LINE = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+).*?exec/s: (\d+)")
 FINAL_STAT = re.compile(r"^stat::(number_of_executed_units|average_exec_per_sec):\s+(\d+)")
@@ -34,7 +34,6 @@ ERROR_LINE = re.compile(r"^vballoon: error: .*$")
 PROGRESS_EVERY = 2.0
 EXIT_GRACE = 30.0
 """Past its -max_total_time, how long a job may take to stop before it is killed."""
-SCENARIO_FORMAT_TARGETS = ("scenario", "qemu_differential")
 
 
 @dataclass

@@ -14,6 +14,7 @@ value of every ReadConfig and the answer to every host request are compared one 
 
 A finding is a QEMU crash (exit by signal, assertion, segfault), a hang (a qtest deadline), a device error
 (virtio_error) where the reference has none, or an observation outside the reference's allowed outcomes.
+An input that inflates or reports its driver's own rings is a driver violation and yields no finding.
 A difference whose requirement has a known deviation for this QEMU explains the whole input (the two
 devices no longer agree on state after it), so that input yields no finding.
 """
@@ -35,7 +36,7 @@ from vballoon.qemu.qtest_machine import CRASH_LINE, DEVICE_ERROR_LINE
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.requirements import deviation_for
-from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField
+from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField, decode_pfns
 from vballoon.transport import (POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, FillPage, Negotiate,
                                 Observation, Operation, QemuTransport, ReadConfig, ReferenceTransport, Reset,
                                 Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare)
@@ -89,6 +90,21 @@ def _writes_actual(ops: tuple[Operation, ...]) -> bool:
 def _may_change_stats(ops: tuple[Operation, ...]) -> bool:
     """Whether guest-stats can differ from before: a stats buffer, or a polling interval change."""
     return any(isinstance(op, SetPollingInterval) or isinstance(op, AddBuffer) and op.queue == STATSQ for op in ops)
+
+
+DRIVER_MEMORY = (range(FIRST_FREE_RAM >> PFN_SHIFT, POOL_FIRST_PFN), range(0x7E00, 0x8000))
+"""Pages holding rings and buffers: QEMU's driver below the pool, the reference driver's top 2 MiB of RAM."""
+
+
+def _gives_away_driver_memory(scenario: Scenario) -> bool:
+    """Whether the input inflates or reports a page its driver still uses (BAL-DRV-OP-6 forbids it; QEMU
+    then discards live rings, which the reference's RAM model does not do)."""
+    for op in scenario.operations:
+        if isinstance(op, AddBuffer) and op.queue in (INFLATEQ, REPORTING_VQ):
+            pfns = (*decode_pfns(op.out).pfns, *op.in_pfns) if op.queue == INFLATEQ else op.in_pfns
+            if any(pfn in region for pfn in pfns for region in DRIVER_MEMORY):
+                return True
+    return False
 
 
 def _fingerprint(observation: Observation) -> dict[str, Any]:
@@ -269,7 +285,10 @@ class QemuDifferential:
                 index = names.index(name)
                 if index in queues:
                     found.extend((name, e.id, e.length) for e in queues[index].collect_used())
-            return all(sum(1 for entry in found if entry[0] == name) >= count for name, count in wanted.items())
+            settled = not (FREE_PAGE_VQ in touched and reference.device.errors) or \
+                bool(DEVICE_ERROR_LINE.search(self._new_stderr()))  # the iothread's virtio_error comes late
+            return settled and all(sum(1 for entry in found if entry[0] == name) >= count
+                                   for name, count in wanted.items())
 
         try:
             wait_for(gather, USED_DEADLINE, "QEMU to use what the reference used", interval=0.0005)
@@ -343,8 +362,8 @@ class QemuDifferential:
                                               want[1], have[1]))
         if not got.alive:
             return self._lost("; ".join(got.crash))
-        if not differences or any(d.requirement and deviation_for(d.requirement, self.qemu.version)
-                                  for d in differences):
+        if not differences or _gives_away_driver_memory(scenario) or any(
+                d.requirement and deviation_for(d.requirement, self.qemu.version) for d in differences):
             return None
         kind = "device-error" if got.device_errors and not expected.device_errors else "difference"
         return Finding(kind, str(differences[0]), tuple(map(str, differences)), _fingerprint(got),

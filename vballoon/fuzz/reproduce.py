@@ -1,7 +1,8 @@
 """Replaying a saved input: does the finding still happen, and the standalone qtest reproducer for QEMU.
 
-A saved input (a crash file or a seed) is decoded strictly (`vballoon.fuzz.format.load`); its target comes
-from the sidecar, else from the directory it lies in (`fuzz/crashes/<target>/`, `fuzz/corpora/<target>/`).
+A crash file is decoded strictly (`vballoon.fuzz.format.load`); its target comes from the sidecar, else from
+the directory it lies in (`fuzz/crashes/<target>/`, `fuzz/corpora/<target>/`). A seed of a buffer target is
+in that target's own format and goes through the target's decoder.
 Inputs of the reference-only targets replay on the reference; those of the differential target on a
 fresh QEMU and the reference, judged exactly as the fuzzer judged them.
 """
@@ -17,7 +18,7 @@ from vballoon.fuzz.crashes import read_sidecar
 from vballoon.fuzz.differential import Finding, QemuDifferential
 from vballoon.fuzz.format import VERSION, load
 from vballoon.fuzz.reference_run import ReferenceFault, run_reference
-from vballoon.fuzz.targets import TARGETS, Target
+from vballoon.fuzz.targets import SCENARIO_FORMAT_TARGETS, TARGETS, Target
 from vballoon.qemu.machine import QemuBinary
 from vballoon.transport import Scenario
 
@@ -47,6 +48,11 @@ def saved_input(path: Path) -> tuple[Scenario, Target]:
     name = str(sidecar.get("target", path.parent.name))
     if name not in TARGETS:
         raise DecodeError(f"{path}: unknown target {name!r} (known: {', '.join(TARGETS)}); name it in the sidecar")
+    if not sidecar and name not in SCENARIO_FORMAT_TARGETS:
+        try:
+            return TARGETS[name].scenario_for(path.read_bytes()), TARGETS[name]  # a seed in its target's own format
+        except OSError as error:
+            raise DecodeError(f"{path}: cannot read ({error.strerror})") from None
     return load(path), TARGETS[name]
 
 

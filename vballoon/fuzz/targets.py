@@ -88,7 +88,7 @@ def config_scenario(data: bytes) -> Scenario:
 def differential_scenario(device: int) -> Callable[[bytes], Scenario]:
     """The full format with the device byte replaced: one QEMU serves one device configuration."""
     def scenario(data: bytes) -> Scenario:
-        return decode(data[:1] + bytes([device]) + data[2:])
+        return decode((data[:1] or bytes([VERSION])) + bytes([device]) + data[2:])
     return scenario
 
 
@@ -106,6 +106,8 @@ class Target:
 DIFFERENTIAL_VARIANT = Variant(transport="transitional", deflate_on_oom=True, free_page_hint=True,
                                free_page_reporting=True)
 """The device the differential target fuzzes by default: every property on, modern interface."""
+SCENARIO_FORMAT_TARGETS = ("scenario", "qemu_differential")
+"""Targets whose inputs are in the scenario format itself (the others have their own small layouts)."""
 STATS_WORDS = tuple(tag.to_bytes(2, "little") for tag in range(17)) + (b"\xff\xff", b"\xff" * 8)
 PFN_WORDS = tuple(encode_pfns([pfn]) for pfn in (*POOL_PFNS[:2], 0, 0x8000, 0xFFFFF, 0x80000800, 0xFFFFFFFF))
 CMD_ID_WORDS = tuple(encode_cmd_id(i) for i in (CMD_ID_STOP, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_FIRST))

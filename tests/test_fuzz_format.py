@@ -1,0 +1,74 @@
+"""The fuzz input format: any bytes decode, canonical round trips, strict loading and its one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vballoon.errors import DecodeError
+from vballoon.fuzz.format import MAX_OPERATIONS, VERSION, ScenarioState, decode, encode, load
+from vballoon.fuzz.reference_run import run_reference
+from vballoon.fuzz.targets import TARGETS
+from vballoon.matrix import Variant
+from vballoon.reference.device import INFLATEQ, STATSQ
+from vballoon.transport import OPERATIONS, AddBuffer, Negotiate, ReadConfig, SetPollingInterval, WriteConfig
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_to_a_scenario_the_reference_runs(data: bytes) -> None:
+    scenario = decode(data)
+    assert len(scenario.operations) <= MAX_OPERATIONS
+    run_reference(scenario)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_canonical_encoding_round_trips_strictly(data: bytes) -> None:
+    scenario = decode(data)
+    encoded = encode(scenario)
+    assert encoded[0] == VERSION
+    assert decode(encoded, strict=True) == scenario
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(TARGETS)), st.binary(max_size=120))
+def test_every_target_maps_any_bytes_to_a_runnable_scenario(name: str, data: bytes) -> None:
+    scenario = TARGETS[name].scenario_for(data)
+    assert decode(encode(scenario), strict=True) == scenario
+    run_reference(scenario)
+
+
+def test_invalid_operations_are_made_runnable_not_kept() -> None:
+    state = ScenarioState(Variant())
+    ops = (AddBuffer(STATSQ, b"\1"), Negotiate(0b111111), ReadConfig(5, 4), WriteConfig(6, 4, 1), AddBuffer(STATSQ),
+           AddBuffer(INFLATEQ, b"", (0xA0, 0xFFFFFFFF)), SetPollingInterval(5))
+    assert [state.admit(op) for op in ops] == [None, Negotiate(0b10010), ReadConfig(4, 4), WriteConfig(4, 4, 1),
+                                               AddBuffer(STATSQ, b"\0"), AddBuffer(INFLATEQ, b"\0"),
+                                               SetPollingInterval(60)]
+
+
+def test_the_seeds_cover_every_operation() -> None:
+    seeds = Path(__file__).resolve().parents[1] / "fuzz" / "corpora" / "scenario"
+    kinds = {type(op).__name__ for seed in seeds.iterdir() for op in load(seed).operations}
+    assert kinds == set(OPERATIONS)
+
+
+@pytest.mark.parametrize("data, problem", [
+    (b"", "empty"),
+    (bytes([VERSION + 1, 0]), f"format version {VERSION + 1} is newer than this vballoon reads"),
+    (bytes([0, 0]), "format version 0 is unknown"),
+    (bytes([VERSION, 0x40]), "reserved device bits"),
+    (bytes([VERSION, 0, 0x10, 0b10, 1, 2]), "operation 1 (at offset 2) ends 2 byte(s) short"),
+])
+def test_strict_loading_names_the_file_and_the_problem(tmp_path: Path, data: bytes, problem: str) -> None:
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    with pytest.raises(DecodeError) as error:
+        load(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a replayable vballoon fuzz input: ") and problem in message
+    assert "\n" not in message
