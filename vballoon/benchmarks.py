@@ -117,6 +117,19 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
     return result
 
 
+MIGRATION_BENCH = "bench-migration.json"
+
+
+def record_migration_benchmark(reports: Path, entry: dict[str, object]) -> Path:
+    """Add or replace one named measurement in reports/bench-migration.json (keyed by `entry["name"]`)."""
+    out = reports / MIGRATION_BENCH
+    results: dict[str, object] = json.loads(out.read_text()) if out.is_file() else {}
+    results[str(entry["name"])] = {**entry, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return out
+
+
 FUZZ_REFERENCE_TARGET = 10_000  # issue target: exec/s per core of a reference-only target
 FUZZ_QEMU_TARGET = 300  # issue target: exec/s of the QEMU differential target
 

@@ -1,0 +1,232 @@
+"""Free page hinting during live migration, with a real Linux guest.
+
+QEMU drives hinting from its migration notifiers: before each dirty-bitmap
+sync it sets the command id to STOP, after it issues a new id (while the VM
+runs), and at the end (or on cancel) it reports DONE. The guest then hands
+back every page it hinted. These tests check, from the host and the guest,
+that hinting happens, saves RAM transfer, ends with DONE, gives the memory
+back, and stays off when postcopy-ram is enabled.
+
+Every guest here touches and frees memory first, so its free pages are not
+zero pages and only hinting can spare sending them. The guest stays idle while
+RAM is sent: QEMU before 9.0 loses guest writes made during a migration under
+TCG (see test_integrity.py), which is not what these tests are about.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.migration import (HINTING, HINTING_VARIANTS, NO_HINTING, MigrationLab, assert_guest_healthy,
+                                mem_free_kib, over, touch_and_free)
+from vballoon.benchmarks import record_migration_benchmark
+from vballoon.qemu.machine import Machine
+from vballoon.qemu.migration import balloon_config_u32, monitor, saved_hint_state
+from vballoon.spec import CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, ConfigField
+from vballoon.waiting import wait_for
+
+MIGRATION_TIMEOUT = 60.0
+STALE_MIB = 300
+# 64 MiB/s: the guest hints its free memory before the first RAM pass reaches it (unlimited, under TCG,
+# the pass outruns the guest and about half the stale pages are sent anyway).
+HINTING_BANDWIDTH = 64 << 20
+# 4 MiB/s: the first pass takes over a minute, so a cancel lands while hinting holds the memory.
+CANCEL_BANDWIDTH = 4 << 20
+# Hinting must save at least this share of what the same guest sends without it. Measured here
+# (2 cores, TCG, another TCG guest running): 0.22-0.26 with 300 MiB touched and freed; 0.6 leaves room.
+MAX_TRANSFER_RATIO = 0.6
+# MemFree after DONE versus before migration. Measured: within 2.1 MiB over 12 migrations and cancels
+# (page cache and slab of the SSH session come and go); hinting holds 300+ MiB, so 16 MiB cannot hide it.
+MEM_FREE_TOLERANCE_KIB = 16 << 10
+HINTED_AT_LEAST_KIB = 64 << 10
+MEMORY_BACK_TIMEOUT = 30.0
+
+
+def cmd_id(machine: Machine) -> int:
+    return balloon_config_u32(machine, ConfigField.FREE_PAGE_HINT_CMD_ID)
+
+
+def migrate_touched_guest(lab: MigrationLab, source: Machine) -> int:
+    """Touch and free STALE_MIB, migrate live at HINTING_BANDWIDTH; the RAM bytes the source sent.
+
+    Only the source is asked: the destination is not resumed (what it received is integrity's business).
+    """
+    touch_and_free(source, STALE_MIB)
+    with lab.migration(source, role=f"destination-{source.variant.name}",
+                       parameters={"max-bandwidth": HINTING_BANDWIDTH}) as migration:
+        migration.start()
+        outcome = migration.wait_completed(MIGRATION_TIMEOUT)
+        print(f"{source.variant.name}: {outcome.describe()}")
+    source.assert_healthy()
+    return outcome.transferred_bytes
+
+
+@pytest.mark.req("BAL-DRV-FPH-2", "BAL-DRV-FPH-4", "BAL-DEV-FPH-4")
+def test_hinting_reduces_ram_transferred(migration_lab: MigrationLab) -> None:
+    """The same touched-then-freed guest sends measurably less RAM with free-page-hint than without."""
+    without = migrate_touched_guest(migration_lab, migration_lab.boot(NO_HINTING, role="source-no-hinting"))
+    migration_lab.stop_all()
+    hinted = migrate_touched_guest(migration_lab, migration_lab.boot(HINTING, role="source-hinting"))
+    ratio = hinted / without
+    print(f"ram transferred: without hinting {without} bytes, with hinting {hinted} bytes, ratio {ratio:.2f}")
+    record_migration_benchmark(migration_lab.session.reports, {
+        "name": "ram-transferred-touched-guest", "guest_ram_mib": 512, "touched_then_freed_mib": STALE_MIB,
+        "max_bandwidth_bytes_per_s": HINTING_BANDWIDTH, "without_hinting_bytes": without,
+        "with_hinting_bytes": hinted, "ratio": round(ratio, 3), "max_ratio": MAX_TRANSFER_RATIO,
+        "qemu": migration_lab.session.qemu.version_text, "accelerator": migration_lab.accel,
+    })
+    assert ratio <= MAX_TRANSFER_RATIO, (
+        f"ram transferred with free-page-hint: expected at most {MAX_TRANSFER_RATIO:.0%} of the "
+        f"{without} bytes sent without it, got {hinted} bytes ({ratio:.0%}) (BAL-DRV-FPH-4, BAL-DEV-FPH-4)")
+
+
+def wait_mem_free_back(machine: Machine, before_kib: int) -> int:
+    """Wait until MemFree is back within MEM_FREE_TOLERANCE_KIB of `before_kib`; the value seen."""
+    seen: list[int] = []
+
+    def back() -> int | None:
+        seen.append(mem_free_kib(machine))
+        return seen[-1] if seen[-1] >= before_kib - MEM_FREE_TOLERANCE_KIB else None
+
+    return wait_for(back, MEMORY_BACK_TIMEOUT, "MemFree to come back", interval=0.5,
+                    describe_last=lambda: f"MemFree {seen[-1] if seen else '?'} KiB, before {before_kib} KiB")
+
+
+@pytest.mark.req("BAL-DRV-FPH-10", "BAL-DEV-FPH-6")
+@over(HINTING_VARIANTS)
+def test_hinted_memory_comes_back_after_migration(migration_lab: MigrationLab, source: Machine) -> None:
+    """The destination shows DONE and the guest's MemFree returns to its value before migration."""
+    migration_lab.expect_lost_writes_on_tcg()
+    touch_and_free(source, STALE_MIB)
+    before = mem_free_kib(source)
+    with migration_lab.migration(source, parameters={"max-bandwidth": HINTING_BANDWIDTH}) as migration:
+        outcome = migration.migrate(MIGRATION_TIMEOUT)
+        destination = migration.destination
+        assert destination is not None
+        state = cmd_id(destination)
+        assert state == CMD_ID_DONE, (
+            f"cmd_id on the destination: expected DONE ({CMD_ID_DONE}), got {state:#x} (BAL-DEV-FPH-6)")
+        after = wait_mem_free_back(destination, before)
+        print(f"{source.variant.name}: MemFree before {before} KiB, after {after} KiB "
+              f"(difference {before - after} KiB); {outcome.describe()}")
+        assert_guest_healthy(destination)
+
+
+@pytest.mark.req("BAL-DRV-FPH-10", "BAL-DEV-FPH-6")
+@over(HINTING_VARIANTS)
+def test_hinted_memory_comes_back_after_cancel(migration_lab: MigrationLab, source: Machine) -> None:
+    """Cancelled while hinting holds the guest's free memory: the source shows DONE and MemFree returns."""
+    touch_and_free(source, STALE_MIB)
+    before = mem_free_kib(source)
+    lowest: list[int] = []
+    with migration_lab.migration(source, parameters={"max-bandwidth": CANCEL_BANDWIDTH}) as migration:
+        migration.start()
+
+        def hinting_holds_memory() -> bool:
+            lowest.append(mem_free_kib(source))
+            return lowest[-1] <= before - HINTED_AT_LEAST_KIB
+
+        wait_for(hinting_holds_memory, MIGRATION_TIMEOUT, f"hinting to hold {HINTED_AT_LEAST_KIB} KiB",
+                 interval=0.2, describe_last=lambda: f"MemFree {lowest[-1]} KiB, before {before} KiB")
+        migration.cancel()
+    gone = migration.destination
+    assert gone is not None and gone.process is not None and gone.process.poll() is not None, \
+        "the destination QEMU of a cancelled migration is still running"
+    state = cmd_id(source)
+    assert state == CMD_ID_DONE, f"cmd_id after migrate_cancel: expected DONE ({CMD_ID_DONE}), got {state:#x} " \
+                                 "(BAL-DEV-FPH-6)"
+    after = wait_mem_free_back(source, before)
+    print(f"{source.variant.name}: MemFree before {before} KiB, while hinting {min(lowest)} KiB, "
+          f"after cancel {after} KiB (difference {before - after} KiB)")
+    assert_guest_healthy(source)
+
+
+def migrate_to_file_watching_ids(lab: MigrationLab, source: Machine, round_name: str) -> tuple[int, int, list[int]]:
+    """Save `source` to a file at HINTING_BANDWIDTH, polling the config's command id from the host.
+
+    Returns the saved command id, the number of dirty-bitmap syncs, and the ids seen while RAM was sent.
+    """
+    seen: list[int] = []
+    with lab.migration(source, role=round_name, via_file=True,
+                       parameters={"max-bandwidth": HINTING_BANDWIDTH}) as migration:
+        migration.start()
+
+        def finished() -> bool:
+            value = cmd_id(source)
+            if value >= CMD_ID_MIN and (not seen or seen[-1] != value):
+                seen.append(value)
+            return migration.status() not in ("setup", "active")
+
+        wait_for(finished, MIGRATION_TIMEOUT, "the migration to finish", interval=0.001)
+        outcome = migration.wait_completed(MIGRATION_TIMEOUT)
+        saved = saved_hint_state(migration.state_file)
+    syncs = int(outcome.ram["dirty-sync-count"])
+    print(f"{round_name}: saved cmd_id {saved.cmd_id:#x} status {saved.status}, {syncs} dirty-bitmap syncs, "
+          f"ids seen in config {[hex(i) for i in seen]}; {outcome.describe()}")
+    assert saved.status == "DONE", (
+        f"{round_name}: hint status saved at the end of migration: expected DONE, got {saved.status} "
+        "(BAL-DEV-FPH-6)")
+    return saved.cmd_id, syncs, seen
+
+
+@pytest.mark.req("BAL-DEV-FPH-1", "BAL-DEV-FPH-2", "BAL-DEV-FPH-6")
+@over(HINTING_VARIANTS)
+def test_each_round_issues_a_new_greater_command_id_then_done(migration_lab: MigrationLab,
+                                                               source: Machine) -> None:
+    """STOP before migration; one new id per dirty-bitmap sync while the VM runs, each greater than the
+    last, also across two migrations; DONE in config and in the saved state at the end of each."""
+    idle = cmd_id(source)
+    assert idle == CMD_ID_STOP, f"cmd_id before any migration: expected STOP (0), got {idle:#x} (BAL-DEV-FPH-1)"
+    touch_and_free(source, STALE_MIB)
+    last_id = CMD_ID_MIN
+    for round_name in ("first-migration", "second-migration"):
+        saved_id, syncs, seen = migrate_to_file_watching_ids(migration_lab, source, round_name)
+        # The last sync runs with the VM stopped and reports DONE instead of issuing an id.
+        expected = last_id + syncs - 1
+        assert saved_id == expected, (
+            f"{round_name}: last command id: expected {expected:#x} (previous {last_id:#x} + one per sync "
+            f"while running, {syncs - 1}), got {saved_id:#x} (BAL-DEV-FPH-2)")
+        assert seen == sorted(set(seen)) and all(last_id < i <= saved_id for i in seen), (
+            f"{round_name}: ids seen in config: expected increasing, within ({last_id:#x}, {saved_id:#x}], "
+            f"got {[hex(i) for i in seen]} (BAL-DEV-FPH-2)")
+        done = cmd_id(source)
+        assert done == CMD_ID_DONE, f"{round_name}: cmd_id after migration: expected DONE (1), got {done:#x} " \
+                                    "(BAL-DEV-FPH-6)"
+        last_id = saved_id
+        monitor(source).command("cont")
+        wait_for(lambda: monitor(source).command("query-status")["status"] == "running", 10,
+                 "the source to run again")
+    assert_guest_healthy(source)
+
+
+@pytest.mark.req("BAL-DEV-FPH-1", "BAL-DRV-FPH-8")
+def test_postcopy_ram_keeps_hinting_off(migration_lab: MigrationLab) -> None:
+    """With postcopy-ram enabled hinting never starts: cmd_id stays STOP, the freed pages are all sent,
+    the migration completes and a pattern verifies on the destination."""
+    source = migration_lab.boot(HINTING)
+    source.ssh.output("memhog fill --mib 64 --seed 3 --file /dev/shm/pattern")
+    touch_and_free(source, STALE_MIB)
+    seen: set[int] = set()
+    with migration_lab.migration(source, capabilities={"postcopy-ram": True},
+                                 parameters={"max-bandwidth": HINTING_BANDWIDTH}) as migration:
+        migration.start()
+
+        def finished() -> bool:
+            seen.add(cmd_id(source))
+            return migration.status() not in ("setup", "active")
+
+        wait_for(finished, MIGRATION_TIMEOUT, "the migration to finish", interval=0.001)
+        outcome = migration.wait_completed(MIGRATION_TIMEOUT)
+        print(f"postcopy-ram: {outcome.describe()}; cmd_id values seen {sorted(hex(i) for i in seen)}")
+        assert seen | {cmd_id(source)} == {CMD_ID_STOP}, (
+            f"cmd_id with postcopy-ram: expected STOP (0) throughout, got {sorted(hex(i) for i in seen)} "
+            "(BAL-DEV-FPH-1)")
+        assert outcome.transferred_bytes >= STALE_MIB << 20, (
+            f"ram transferred with postcopy-ram: expected at least the {STALE_MIB} MiB touched and freed "
+            f"(nothing hinted), got {outcome.transferred_bytes} bytes")
+        destination = migration.resume_destination(MIGRATION_TIMEOUT)
+        check = destination.ssh.run("memhog verify --mib 64 --seed 3 --file /dev/shm/pattern", check=False)
+        assert check.status == 0, f"pattern after a postcopy-ram migration (BAL-DRV-FPH-8): expected ok, " \
+                                  f"got {check.describe()}"
+        assert_guest_healthy(destination)
+

@@ -1,0 +1,92 @@
+"""The balloon's state moves with the guest: size, target changes and statistics on the destination.
+
+QEMU migrates num_pages and actual; the statistics polling interval is a host
+setting that QEMU 7.2 does not migrate, so, as a management layer does, the
+destination is given the same interval before the stream arrives. After the
+switchover the driver must keep answering: BALLOON_CHANGE follows a new target
+(BAL-DRV-ACT-1) and a stats buffer comes back at each poll (BAL-DRV-ST-3).
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+
+from fixtures.migration import MIGRATION_VARIANTS, MigrationLab, assert_guest_healthy, over
+from vballoon.qemu.machine import Machine
+from vballoon.qemu.migration import monitor
+from vballoon.waiting import wait_for
+
+MIGRATION_TIMEOUT = 60.0
+BALLOON_PATH = "/machine/peripheral/balloon0"
+STATS_INTERVAL_S = 2
+INFLATED_RAM = 384 << 20
+NEW_TARGET_RAM = 448 << 20
+BALLOON_CHANGE_TIMEOUT = 60.0
+STATS_UPDATES = 2
+# Each poll is answered within one interval plus TCG scheduling noise (measured under 1 s here).
+STATS_TIMEOUT = STATS_UPDATES * STATS_INTERVAL_S + 10.0
+
+
+def set_stats_interval(machine: Machine, seconds: int) -> None:
+    monitor(machine).command("qom-set", path=BALLOON_PATH, property="guest-stats-polling-interval", value=seconds)
+
+
+def stats_update_time(machine: Machine) -> int:
+    return int(monitor(machine).command("qom-get", path=BALLOON_PATH, property="guest-stats")["last-update"])
+
+
+def wait_stats_updates(machine: Machine, count: int) -> list[int]:
+    """Wait for `count` new stats reports; their last-update times (guest seconds)."""
+    times = [stats_update_time(machine)]
+
+    def enough() -> bool:
+        now = stats_update_time(machine)
+        if now != times[-1]:
+            times.append(now)
+        return len(times) > count
+
+    wait_for(enough, STATS_TIMEOUT, f"{count} stats updates", interval=0.2,
+             describe_last=lambda: f"last-update times {times}")
+    return times[1:]
+
+
+@pytest.mark.req("BAL-DRV-ACT-1", "BAL-DRV-ST-2", "BAL-DRV-ST-3")
+@over(MIGRATION_VARIANTS)
+def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: Machine) -> None:
+    """`actual` on the destination equals the source's; a new target there gives BALLOON_CHANGE; stats
+    keep arriving at the same interval; the guest is healthy and reachable over SSH."""
+    if source.variant.free_page_hint:
+        migration_lab.expect_lost_writes_on_tcg()
+    source_qmp = monitor(source)
+    source_qmp.command("balloon", value=INFLATED_RAM)
+    source_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT, lambda e: e["data"]["actual"] == INFLATED_RAM)
+    set_stats_interval(source, STATS_INTERVAL_S)
+    wait_stats_updates(source, 1)
+    with migration_lab.migration(source) as migration:
+        assert migration.destination is not None
+        set_stats_interval(migration.destination, STATS_INTERVAL_S)
+        outcome = migration.migrate(MIGRATION_TIMEOUT)
+        destination = migration.destination
+        before, after = source.query_balloon_bytes(), destination.query_balloon_bytes()
+        print(f"{source.variant.name}: actual {before} on the source, {after} on the destination; "
+              f"{outcome.describe()}")
+        assert after == before == INFLATED_RAM, (
+            f"query-balloon actual on the destination: expected the source's {before} ({INFLATED_RAM}), "
+            f"got {after} (BAL-DRV-ACT-1)")
+
+        times = wait_stats_updates(destination, STATS_UPDATES)
+        gaps = [b - a for a, b in pairwise(times)]
+        assert all(gap == STATS_INTERVAL_S for gap in gaps), (
+            f"stats on the destination: expected a report every {STATS_INTERVAL_S} s, got last-update times "
+            f"{times} (BAL-DRV-ST-3)")
+
+        destination_qmp = monitor(destination)
+        destination_qmp.command("balloon", value=NEW_TARGET_RAM)
+        destination_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT,
+                                   lambda e: e["data"]["actual"] == NEW_TARGET_RAM)
+        assert destination.query_balloon_bytes() == NEW_TARGET_RAM, (
+            f"query-balloon after a new target on the destination: expected {NEW_TARGET_RAM}, "
+            f"got {destination.query_balloon_bytes()} (BAL-DRV-ACT-1)")
+        assert_guest_healthy(destination)

@@ -1,0 +1,301 @@
+"""Migrating a running guest: to a second QEMU on this host, or to a file and back.
+
+The destination is a `Machine` of the source's variant, image, memory, trace
+events and extra arguments, started with `-incoming defer`; `migrate-incoming`
+then opens a unix socket in a temp dir (or reads a file through `exec:cat`:
+QEMU 7.2 has no `file:` URI). The source is polled with `query-migrate` until
+the migration completes, fails or passes its deadline; at the deadline it is
+cancelled and `MigrationError` names both machines' logs. Leaving the `with`
+block stops the destination, cancels a migration still running on the source
+and removes the temp dir, whatever ended the block.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import shlex
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vballoon.errors import QemuError
+from vballoon.qemu.machine import Machine
+from vballoon.qemu.monitor import Monitor
+from vballoon.spec import ConfigField
+from vballoon.waiting import DeadlineExceeded, wait_for
+
+FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+RUNNING_STATES = frozenset({"setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling"})
+CANCEL_TIMEOUT = 30.0
+SSH_AFTER_MIGRATION_TIMEOUT = 30.0
+
+BALLOON_QDEV_ID = "balloon0"
+MODERN_CONFIG_BAR, MODERN_CONFIG_OFFSET = 4, 0x2000  # virtio-pci in QEMU 7.2: device-specific region of BAR 4
+LEGACY_CONFIG_BAR = 0  # the legacy I/O BAR: a 20-byte header, 24 when the device has MSI-X (a memory BAR)
+LEGACY_HEADER, LEGACY_HEADER_MSIX = 20, 24
+# The free page hint subsection of the balloon's vmstate (QEMU 7.2 names it "free-page-report"):
+# QEMU_VM_SUBSECTION, name length, name, be32 version, then be32 cmd_id and be32 status.
+HINT_SUBSECTION = b"\x05" + bytes([len(b"virtio-balloon-device/free-page-report")]) + \
+    b"virtio-balloon-device/free-page-report"
+HINT_STATUS_NAMES = {0: "STOP", 1: "REQUESTED", 2: "START", 3: "DONE"}  # QEMU's FREE_PAGE_HINT_S_*
+
+
+class MigrationError(QemuError):
+    """A migration failed, was cancelled unexpectedly, or did not converge before its deadline."""
+
+
+@dataclass(frozen=True)
+class MigrationOutcome:
+    """The source's final `query-migrate` and how long the migration took."""
+
+    status: str
+    seconds: float
+    info: dict[str, Any]
+
+    @property
+    def ram(self) -> dict[str, Any]:
+        return dict(self.info.get("ram", {}))
+
+    @property
+    def transferred_bytes(self) -> int:
+        """`ram.transferred`: the bytes of RAM pages the source sent (zero pages cost a few bytes each)."""
+        return int(self.ram.get("transferred", 0))
+
+    def describe(self) -> str:
+        ram = self.ram
+        return (f"migration {self.status} in {self.seconds:.1f} s: ram transferred {self.transferred_bytes} bytes, "
+                f"normal pages {ram.get('normal')}, duplicate (zero) pages {ram.get('duplicate')}, "
+                f"dirty-sync rounds {ram.get('dirty-sync-count')}")
+
+
+def monitor(machine: Machine) -> Monitor:
+    """The machine's QMP monitor; QemuError once the machine was stopped."""
+    if machine.qmp is None:
+        raise QemuError(f"QEMU is not running; {machine.logs.describe()}")
+    return machine.qmp
+
+
+def machine_like(source: Machine, log_dir: Path, incoming: str) -> Machine:
+    """A Machine with everything of `source` that must match for a migration, waiting on `incoming`."""
+    return Machine(source.variant, source.image, source.qemu, source.accel, log_dir, source.memory_mib,
+                   source.trace_events, source.extra_args, incoming=incoming)
+
+
+class Migration:
+    """One migration of `source` into a destination QEMU this object starts and stops.
+
+    With `via_file` the source's state is saved to a file in the temp dir
+    (exec:cat > FILE) and the destination is started from it afterwards
+    (exec:cat FILE); otherwise the two QEMUs are connected live by a unix socket.
+    """
+
+    def __init__(self, source: Machine, destination_log_dir: Path, capabilities: dict[str, bool] | None = None,
+                 parameters: dict[str, Any] | None = None, via_file: bool = False) -> None:
+        self.source = source
+        self.destination_log_dir = destination_log_dir
+        self.capabilities = dict(capabilities or {})
+        self.parameters = dict(parameters or {})
+        self.via_file = via_file
+        self.destination: Machine | None = None
+        self.started_at = 0.0
+        self.uri = ""
+        self._temp_dir: Path | None = None
+
+    # --- lifecycle -------------------------------------------------------
+
+    def __enter__(self) -> "Migration":
+        try:
+            self._temp_dir = Path(tempfile.mkdtemp(prefix="vballoon-migration-"))
+            if self.capabilities:
+                monitor(self.source).command("migrate-set-capabilities", capabilities=self._capability_list())
+            if self.parameters:
+                monitor(self.source).command("migrate-set-parameters", **self.parameters)
+            if not self.via_file:
+                self._start_destination(f"unix:{self._temp_dir / 'migration.sock'}")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel a migration still running on the source, stop the destination, remove the temp dir."""
+        try:
+            if self.source.qmp is not None and self.status() in RUNNING_STATES:
+                monitor(self.source).try_command("migrate_cancel")
+                self._wait_final(CANCEL_TIMEOUT)
+        except (QemuError, DeadlineExceeded):
+            pass  # the source is stopped by its owner; nothing here must mask the original failure
+        finally:
+            if self.destination is not None:
+                self.destination.stop()
+            if self._temp_dir is not None:
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
+                self._temp_dir = None
+
+    def _start_destination(self, uri: str) -> None:
+        destination = machine_like(self.source, self.destination_log_dir, "defer")
+        self.destination = destination
+        destination.start()
+        if self.capabilities:
+            monitor(destination).command("migrate-set-capabilities", capabilities=self._capability_list())
+        monitor(destination).command("migrate-incoming", uri=uri)
+        self.uri = uri
+
+    @property
+    def state_file(self) -> Path:
+        """Where `via_file` keeps the guest's state; removed with the temp dir."""
+        assert self._temp_dir is not None, "the migration is not open"
+        return self._temp_dir / "guest-state.bin"
+
+    def _capability_list(self) -> list[dict[str, Any]]:
+        return [{"capability": name, "state": state} for name, state in self.capabilities.items()]
+
+    # --- driving the migration --------------------------------------------
+
+    def start(self) -> None:
+        """Begin migrating; returns at once (the source keeps running while RAM is copied)."""
+        uri = f"exec:cat > {shlex.quote(str(self.state_file))}" if self.via_file else self.uri
+        self.started_at = time.monotonic()
+        monitor(self.source).command("migrate", uri=uri)
+
+    def status(self) -> str:
+        return str(self.query().get("status", "none"))
+
+    def query(self) -> dict[str, Any]:
+        return dict(monitor(self.source).command("query-migrate"))
+
+    def wait_completed(self, timeout: float) -> MigrationOutcome:
+        """Wait until the migration completed; a failure, or no convergence by `timeout`, is MigrationError.
+
+        At the deadline the migration is cancelled first, so no QEMU is left migrating.
+        """
+        try:
+            info = self._wait_final(timeout)
+        except DeadlineExceeded as error:
+            last = self.query()
+            monitor(self.source).try_command("migrate_cancel")
+            raise MigrationError(f"{error}: the migration did not converge (last query-migrate: "
+                                 f"{_summary(last)}); {self.describe_logs()}") from None
+        outcome = MigrationOutcome(str(info["status"]), time.monotonic() - self.started_at, info)
+        if outcome.status != "completed":
+            raise MigrationError(f"migration ended {outcome.status}: {info.get('error-desc', 'no error text')}; "
+                                 f"{self.describe_logs()}")
+        return outcome
+
+    def cancel(self) -> MigrationOutcome:
+        """`migrate_cancel` and wait until the source says cancelled."""
+        monitor(self.source).command("migrate_cancel")
+        info = self._wait_final(CANCEL_TIMEOUT)
+        if info["status"] != "cancelled":
+            raise MigrationError(f"after migrate_cancel the migration ended {info['status']}, expected cancelled; "
+                                 f"{self.describe_logs()}")
+        return MigrationOutcome("cancelled", time.monotonic() - self.started_at, info)
+
+    def _wait_final(self, timeout: float) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            self.source.check_alive()
+            info = self.query()
+            return info if info.get("status") in FINAL_STATES else None
+
+        return wait_for(final, timeout, "the migration to finish", interval=0.1,
+                        describe_last=lambda: _summary(self.query()))
+
+    def migrate(self, timeout: float) -> MigrationOutcome:
+        """Start, wait until completed, then bring the destination up (see `resume_destination`)."""
+        self.start()
+        outcome = self.wait_completed(timeout)
+        self.resume_destination(timeout)
+        return outcome
+
+    def resume_destination(self, timeout: float) -> Machine:
+        """The destination running the guest, with SSH connected; from a state file it is started here."""
+        if self.via_file and self.destination is None:
+            self._start_destination(f"exec:cat {shlex.quote(str(self.state_file))}")
+        destination = self.destination
+        assert destination is not None
+
+        def running() -> bool:
+            destination.check_alive()
+            return monitor(destination).command("query-status")["status"] == "running"
+
+        try:
+            wait_for(running, timeout, "the destination to run the guest", interval=0.1,
+                     describe_last=lambda: str(monitor(destination).command("query-status")))
+        except DeadlineExceeded as error:
+            raise MigrationError(f"{error}; {self.describe_logs()}") from None
+        destination.connect_ssh(SSH_AFTER_MIGRATION_TIMEOUT)
+        return destination
+
+    def describe_logs(self) -> str:
+        where = f"source logs: {self.source.logs.describe()}"
+        if self.destination is not None:
+            where += f"; destination logs: {self.destination.logs.describe()}"
+        return where
+
+
+def _summary(info: dict[str, Any]) -> str:
+    ram = info.get("ram", {})
+    return (f"status {info.get('status')}, ram transferred {ram.get('transferred')} of {ram.get('total')}, "
+            f"remaining {ram.get('remaining')}, dirty rate {ram.get('dirty-pages-rate')} pages/s, "
+            f"dirty-sync rounds {ram.get('dirty-sync-count')}")
+
+
+# --- the balloon's state as the host sees it -----------------------------------
+
+
+def balloon_config_u32(machine: Machine, field: ConfigField) -> int:
+    """A 32-bit config field of the balloon as the guest reads it, read by the host through HMP.
+
+    `xp` (modern, transitional: memory BAR 4) or `i` (legacy: I/O BAR 0)
+    access the device's config region like a vCPU would, so the value is
+    exactly what the driver sees, with no guest involvement.
+    """
+    qmp = monitor(machine)
+    regions = {region["bar"]: region for region in _balloon_pci_regions(qmp)}
+    if machine.variant.transport == "legacy":
+        has_msix = any(region["type"] == "memory" for region in regions.values())
+        address = int(regions[LEGACY_CONFIG_BAR]["address"]) + (LEGACY_HEADER_MSIX if has_msix else LEGACY_HEADER)
+        command = f"i /w {address + int(field):#x}"  # HMP sizes: b, h, w (32 bits)
+    else:
+        address = int(regions[MODERN_CONFIG_BAR]["address"]) + MODERN_CONFIG_OFFSET
+        command = f"xp /1wx {address + int(field):#x}"
+    text = str(qmp.command("human-monitor-command", **{"command-line": command}))
+    match = re.search(r"(?:=|:)\s*0x([0-9a-f]+)\s*$", text.strip())
+    if match is None:
+        raise QemuError(f"HMP {command!r} answered {text!r}; expected a 32-bit value")
+    return int(match[1], 16)
+
+
+def _balloon_pci_regions(qmp: Monitor) -> list[dict[str, Any]]:
+    for bus in qmp.command("query-pci"):
+        for device in bus["devices"]:
+            if device.get("qdev_id") == BALLOON_QDEV_ID:
+                return list(device["regions"])
+    raise QemuError(f"query-pci lists no device {BALLOON_QDEV_ID!r}")
+
+
+@dataclass(frozen=True)
+class SavedHintState:
+    """The free page hint state the source saved in its migration stream."""
+
+    cmd_id: int
+    status: str
+
+
+def saved_hint_state(state_file: Path) -> SavedHintState:
+    """The balloon's last issued command id and hint status, read from a saved migration stream."""
+    with state_file.open("rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        at = data.rfind(HINT_SUBSECTION)
+        if at < 0:
+            raise QemuError(f"{state_file}: no free page hint subsection; was free-page-hint negotiated?")
+        fields = at + len(HINT_SUBSECTION) + 4  # skip the be32 version
+        cmd_id, status = struct.unpack_from(">II", data, fields)
+    return SavedHintState(cmd_id, HINT_STATUS_NAMES.get(status, f"unknown {status}"))
