@@ -158,3 +158,64 @@ def run_fuzz_benchmark(qemu: str | None, seconds: int, out: Path) -> dict[str, o
         print(f"fuzz_{name}: {numbers['exec_per_s']} exec/s (target {numbers['target_exec_per_s']})")  # type: ignore[index]
     print(f"-> {out}")
     return result
+
+
+QTEST_SCRATCH = 0x200000  # guest RAM the qtest benchmark writes; nothing else uses it
+
+
+def _rate(operations: int, seconds: float) -> float:
+    return round(operations / seconds, 1)
+
+
+def run_qtest_benchmark(qemu: str | None, operations: int, device_tests: int, out: Path) -> dict[str, object]:
+    """Operations per second of the qtest transport: unbatched round trips, pipelined writes, bulk memory, and
+    the wall time of a whole device test (start QEMU, negotiate, inflate, a stats buffer, stop)."""
+    from vballoon.qemu.qtest_machine import STATSQ, QtestBalloon, QtestMachine
+    from vballoon.spec import PAGE_SIZE, PFN_SHIFT, Feature, encode_stats, feature_mask
+
+    qemu_binary = QemuBinary.find(qemu)
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as logs:
+        with QtestMachine(qemu_binary, Variant(), Path(logs)) as machine:
+            qtest = machine.qtest
+            started = time.monotonic()
+            for i in range(operations):
+                qtest.writel(QTEST_SCRATCH, i)
+                qtest.readl(QTEST_SCRATCH)
+            rates["writel_readl_round_trips_per_s"] = _rate(2 * operations, time.monotonic() - started)
+            started = time.monotonic()
+            with qtest.pipeline():
+                for i in range(operations):
+                    qtest.writel(QTEST_SCRATCH + 4 * (i % 1024), i)
+            rates["pipelined_writel_per_s"] = _rate(operations, time.monotonic() - started)
+            started = time.monotonic()
+            for _ in range(operations // 10):
+                qtest.read(QTEST_SCRATCH, PAGE_SIZE)
+            rates["page_reads_per_s"] = _rate(operations // 10, time.monotonic() - started)
+    device_seconds: list[float] = []
+    for _ in range(device_tests):
+        with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as logs:
+            started = time.monotonic()
+            with QtestMachine(qemu_binary, Variant(), Path(logs)) as machine:
+                balloon = QtestBalloon(machine, legacy_interface=False)
+                balloon.start(feature_mask(Feature.STATS_VQ, Feature.VERSION_1))
+                pages = [balloon.new_page(0xAA) >> PFN_SHIFT for _ in range(4)]
+                balloon.inflate(pages)
+                balloon.deflate(pages)
+                balloon.post(STATSQ, [encode_stats([(4, 1)])])
+                balloon.guest_stats()
+            device_seconds.append(round(time.monotonic() - started, 3))
+    result: dict[str, object] = {
+        "benchmark": "qtest-transport",
+        "qemu": qemu_binary.version_text,
+        "operations": operations,
+        **rates,
+        "device_test_seconds": device_seconds,
+        "device_test_median_s": statistics.median(device_seconds),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"round trips {rates['writel_readl_round_trips_per_s']}/s, pipelined writes "
+          f"{rates['pipelined_writel_per_s']}/s, 4 KiB reads {rates['page_reads_per_s']}/s, device test median "
+          f"{result['device_test_median_s']} s -> {out}")
+    return result

@@ -117,6 +117,13 @@ def _cmd_bench_fuzz(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_bench_qtest(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.benchmarks import run_qtest_benchmark
+
+    run_qtest_benchmark(args.qemu, args.operations, args.device_tests, Path(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vballoon", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--boots", type=int, default=5)
     boot.add_argument("--out", default="reports/bench-boot.json")
     boot.set_defaults(handler=_cmd_bench_boot)
+    qtest = bench.add_parser("qtest", help="qtest transport operations per second, written to reports/bench-qtest.json")
+    qtest.add_argument("--qemu", help="qemu-system-x86_64 to test (default: the one on PATH)")
+    qtest.add_argument("--operations", type=int, default=5000)
+    qtest.add_argument("--device-tests", type=int, default=5)
+    qtest.add_argument("--out", default="reports/bench-qtest.json")
+    qtest.set_defaults(handler=_cmd_bench_qtest)
     bench_fuzz = bench.add_parser("fuzz", help="exec/s of every fuzz target, written to reports/bench-fuzz.json")
     bench_fuzz.add_argument("--qemu", help="qemu-system-x86_64 for the differential target (default: on PATH)")
     bench_fuzz.add_argument("--time", type=int, default=20, help="seconds per target")

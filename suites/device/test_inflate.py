@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.qtest_device import TRANSPORTS, over
+from fixtures.qtest_device import TRANSPORTS, DeviceVariant, over
 from vballoon.qemu.qtest_machine import INFLATEQ, QtestBalloon, QtestMachine
 from vballoon.qemu.virtio_pci import MMIO_WINDOW
-from vballoon.spec import PAGE_SIZE, PFN_SHIFT, encode_pfns
+from vballoon.spec import PAGE_SIZE, PFN_SHIFT, Status, encode_pfns
 from vballoon.virtqueue import Buffer
 from vballoon.waiting import wait_for
 
@@ -125,3 +125,35 @@ def test_device_writable_buffer_on_inflateq_is_acked_untouched(balloon: QtestBal
     assert used.length == 0, f"BAL-LEG-USED: used length {used.length} for a chain without out buffers"
     assert page_bytes(qtest_machine, page) == bytes([PATTERN]) * PAGE_SIZE, \
         f"a PFN in an in buffer was acted on: page {page:#x} changed"
+
+
+@pytest.mark.req("BAL-DEV-OP-1")
+@over(TRANSPORTS)
+def test_pfn_zero_is_discarded_and_acked(balloon: QtestBalloon, qtest_machine: QtestMachine) -> None:
+    """PFN 0 is ordinary low RAM on q35: acked with length 0 and, like any inflated page, it MAY read zero."""
+    balloon.start()
+    qtest_machine.qtest.memset(0, PAGE_SIZE, PATTERN)
+    used = balloon.inflate([0])
+    assert used.length == 0, f"used length {used.length}"
+    data = page_bytes(qtest_machine, 0)
+    assert data in (bytes(PAGE_SIZE), bytes([PATTERN]) * PAGE_SIZE), \
+        f"BAL-DEV-OP-1: page 0 may only be unchanged or zero, has {fill_counts(data)}"
+
+
+@pytest.mark.req("BAL-DEV-OP-1")
+@over(TRANSPORTS)
+def test_a_zero_length_descriptor_is_a_device_error(balloon: QtestBalloon, qtest_machine: QtestMachine,
+                                                    device_variant: DeviceVariant) -> None:
+    """A 0-byte buffer on the inflateq breaks virtio's ring rules (no balloon statement covers them; this is the
+    closest): QEMU reports "zero sized buffers are not allowed", stops the device without discarding anything
+    and, with VERSION_1, sets DEVICE_NEEDS_RESET; QEMU keeps running."""
+    qtest_machine.expect_device_error("zero sized buffers are not allowed")
+    balloon.start()
+    page = balloon.new_page(PATTERN)
+    balloon.post(INFLATEQ, [b"", encode_pfns([page >> PFN_SHIFT], balloon.driver.endian)])
+    wait_for(lambda: any("zero sized buffers" in e for e in qtest_machine.device_errors()), 5.0,
+             "QEMU's device error", describe_last=lambda: str(qtest_machine.device_errors()))
+    needs_reset = bool(balloon.driver.status & Status.DEVICE_NEEDS_RESET)
+    assert needs_reset == (not device_variant.legacy_interface), f"status {balloon.driver.status:#x}"
+    assert page_bytes(qtest_machine, page) == bytes([PATTERN]) * PAGE_SIZE, "a refused chain discarded a page"
+    assert qtest_machine.crash_evidence() == [], "a device error must not crash QEMU"

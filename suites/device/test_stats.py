@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -94,3 +95,127 @@ def test_legacy_first_buffer_values_are_ignored(balloon: QtestBalloon, qtest_mac
     expect_conformance(got["last-update"] == 0 and got["stats"]["stat-free-memory"] == STAT_UNSET,
                        "BAL-DEV-LEG-ST-FIRST", qtest_machine.qemu,
                        f"the first buffer's MEMFREE=1234 reached guest-stats: {got}")
+
+
+MODERN_INTERFACES = tuple(case for case in TRANSPORTS if not case.legacy_interface)
+HELD_RETURN_TIMEOUT = 2.0  # well under any polling interval: the device returns the held buffer at once
+NO_WHOLE_ENTRY = bytes(4)  # a stats buffer shorter than one 10-byte entry
+
+
+@pytest.mark.req("BAL-DRV-ST-7", "BAL-DEV-ST-2")
+@over(MODERN_INTERFACES)
+def test_a_buffer_without_entries_clears_the_stats_and_updates_last_update(balloon: QtestBalloon) -> None:
+    """An empty subset of statistics (BAL-DRV-ST-7 lets the driver send one): QEMU resets every value to unset
+    and still stamps last-update. (A 0-byte buffer is a zero-length descriptor, a ring error, not a subset.)"""
+    balloon.start()
+    reported = balloon.guest_stats()["stats"]
+    first = [(StatTag.MEMFREE, 5), (StatTag.MEMTOT, 6)]
+    balloon.post(STATSQ, [encode_stats(first)])
+    before = wait_for_stats(balloon, expected_stats(reported, first))["last-update"]
+    balloon.post(STATSQ, [NO_WHOLE_ENTRY])
+    got = wait_for_stats(balloon, expected_stats(reported, []))
+    assert got["last-update"] >= before > 0, \
+        f"BAL-DEV-ST-2: last-update should be stamped again (was {before}), got {got['last-update']}"
+
+
+@pytest.mark.req("BAL-DRV-ST-1")
+@over(MODERN_INTERFACES)
+def test_a_second_buffer_returns_the_held_one_at_once(balloon: QtestBalloon) -> None:
+    """A driver breaking BAL-DRV-ST-1 (two buffers available): QEMU hands the held buffer back at once,
+    without waiting for a poll, parses the new one and holds it."""
+    balloon.start()
+    held = balloon.post(STATSQ, [encode_stats([(StatTag.MEMFREE, 1)])])
+    balloon.post(STATSQ, [encode_stats([(StatTag.MEMFREE, 2)])])
+    used = balloon.driver.wait_used(STATSQ, 1, HELD_RETURN_TIMEOUT)
+    assert [u.id for u in used] == [held], f"BAL-DRV-ST-1: expected the held buffer {held} back, got {used}"
+    reported = balloon.guest_stats()["stats"]
+    wait_for_stats(balloon, expected_stats(reported, [(StatTag.MEMFREE, 2)]))
+    assert balloon.driver.queues[STATSQ].collect_used() == [], "the second buffer must stay held"
+
+
+@pytest.mark.req("BAL-DRV-ST-2", "BAL-DEV-ST-2")
+@over(MODERN_INTERFACES)
+def test_a_buffer_after_device_reset_is_taken(balloon: QtestBalloon) -> None:
+    """After a device reset and a new initialisation the driver's first buffer (BAL-DRV-ST-2) is parsed;
+    the buffer held before the reset is not used on the new rings."""
+    balloon.start()
+    balloon.post(STATSQ, [encode_stats([(StatTag.MEMFREE, 1)])])
+    reported = balloon.guest_stats()["stats"]
+    wait_for_stats(balloon, expected_stats(reported, [(StatTag.MEMFREE, 1)]))
+    balloon.start()
+    after_reset = [(StatTag.SWAP_IN, 3), (StatTag.CACHES, 4)]
+    balloon.post(STATSQ, [encode_stats(after_reset)])
+    wait_for_stats(balloon, expected_stats(reported, after_reset))
+    assert balloon.driver.queues[STATSQ].collect_used() == [], "the new buffer is held; nothing else is used"
+
+
+@pytest.mark.req("BAL-DRV-ST-3")
+@pytest.mark.parametrize("seconds, error", [
+    (-1, "timer value must be greater than zero"),
+    (1 << 32, "timer value is too big"),
+    ((1 << 32) - 1, None),
+    (0, None),
+])
+@over(TRANSPORTS[:1])
+def test_polling_interval_values(qtest_machine: QtestMachine, seconds: int, error: str | None) -> None:
+    """guest-stats-polling-interval: QEMU 7.2's exact refusals for negative and above 2^32-1; accepted values
+    read back. (No requirement covers the host's polling; it is what makes the device use a stats buffer,
+    after which the driver must refill, BAL-DRV-ST-3.)"""
+    path = qtest_machine.balloon_qom_path()
+    _, got = qtest_machine.qmp.try_command("qom-set", path=path, property="guest-stats-polling-interval",
+                                           value=seconds)
+    assert got == error, f"interval {seconds}: expected error {error!r}, got {got!r}"
+    shown = qtest_machine.qmp.command("qom-get", path=path, property="guest-stats-polling-interval")
+    assert shown == (seconds if error is None else 0), f"interval {seconds}: reads back {shown}"
+
+
+@pytest.mark.req("BAL-DRV-ST-3")
+@over(MODERN_INTERFACES)
+def test_polling_returns_the_held_buffer(balloon: QtestBalloon, qtest_machine: QtestMachine) -> None:
+    """Setting an interval starts the timer at once: the held buffer comes back for the driver to refill."""
+    balloon.start()
+    held = balloon.post(STATSQ, [encode_stats([(StatTag.MEMFREE, 1)])])
+    qtest_machine.qmp.command("qom-set", path=qtest_machine.balloon_qom_path(),
+                              property="guest-stats-polling-interval", value=POLLING_INTERVAL_S)
+    used = balloon.driver.wait_used(STATSQ, 1, RETURN_TIMEOUT)
+    assert [u.id for u in used] == [held], f"BAL-DRV-ST-3: expected held buffer {held} back, got {used}"
+
+
+@pytest.mark.req("BAL-DEV-ST-1")
+@over(TRANSPORTS[:1])
+def test_guest_stats_shape_for_every_tag(balloon: QtestBalloon, qtest_machine: QtestMachine) -> None:
+    """qom-get guest-stats with a value for each of the 16 tags Linux knows answers (QEMU 9.2-rc aborted on
+    names of tags 10-15): one key per tag QEMU recognises, last-update in wall-clock seconds."""
+    balloon.start()
+    before = balloon.guest_stats()
+    assert before["last-update"] == 0, f"no buffer yet: last-update should be 0, got {before['last-update']}"
+    shown = set(before["stats"])
+    assert shown == {info.qom_key for info in STATS[:len(shown)]}, \
+        f"guest-stats keys should be the QOM keys of tags 0..{len(shown) - 1}: {sorted(shown)}"
+    entries = [(info.tag, 100 + info.tag) for info in STATS]
+    started = int(time.time())
+    balloon.post(STATSQ, [encode_stats(entries)])
+    got = wait_for_stats(balloon, expected_stats(before["stats"], entries))
+    assert started <= got["last-update"] <= int(time.time()), \
+        f"last-update {got['last-update']} should be the wall-clock second of the report (from {started})"
+    qtest_machine.assert_healthy()
+
+
+@pytest.mark.req("BAL-DEV-ST-2", "BAL-DRV-ST-2")
+@over(TRANSPORTS[:1])
+def test_after_system_reset_the_first_buffer_replaces_stale_values(balloon: QtestBalloon,
+                                                                   qtest_machine: QtestMachine,
+                                                                   device_variant: DeviceVariant) -> None:
+    """QEMU 7.2 keeps guest-stats across system_reset (reset_stats runs only at realize and per buffer); the
+    driver's first buffer after re-initialisation must still replace every stale value."""
+    balloon.start()
+    reported = balloon.guest_stats()["stats"]
+    stale = [(StatTag.MEMFREE, 7), (StatTag.MAJFLT, 8)]
+    balloon.post(STATSQ, [encode_stats(stale)])
+    wait_for_stats(balloon, expected_stats(reported, stale))
+    qtest_machine.qmp.command("system_reset")
+    reopened = QtestBalloon(qtest_machine, device_variant.legacy_interface)
+    reopened.start()
+    fresh = [(StatTag.AVAIL, 9)]
+    reopened.post(STATSQ, [encode_stats(fresh)])
+    wait_for_stats(reopened, expected_stats(reported, fresh))
