@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.qtest_device import INFLATEQ, STATSQ, TRANSPORTS, DeviceVariant, QtestBalloon, over
+from fixtures.qtest_device import TRANSPORTS, DeviceVariant, over
+from vballoon.qemu.qtest_machine import INFLATEQ, STATSQ, QtestBalloon
 from vballoon.errors import QemuError, UsageError
 from vballoon.qemu.qtest_machine import QtestMachine
 from vballoon.qemu.virtio_pci import (BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_ID_TRANSITIONAL, COMMAND_BUS_MASTER,
