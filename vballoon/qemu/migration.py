@@ -80,10 +80,11 @@ def monitor(machine: Machine) -> Monitor:
     return machine.qmp
 
 
-def machine_like(source: Machine, log_dir: Path, incoming: str) -> Machine:
-    """A Machine with everything of `source` that must match for a migration, waiting on `incoming`."""
+def machine_like(source: Machine, log_dir: Path, incoming: str, paused: bool = False) -> Machine:
+    """A Machine with everything of `source` that must match for a migration, waiting on `incoming`
+    (with `paused`, it stays stopped after the stream is loaded)."""
     return Machine(source.variant, source.image, source.qemu, source.accel, log_dir, source.memory_mib,
-                   source.trace_events, source.extra_args, incoming=incoming)
+                   source.trace_events, source.extra_args + (("-S",) if paused else ()), incoming=incoming)
 
 
 class Migration:
@@ -150,10 +151,15 @@ class Migration:
         self.uri = uri
 
     @property
-    def state_file(self) -> Path:
-        """Where `via_file` keeps the guest's state; removed with the temp dir."""
+    def work_dir(self) -> Path:
+        """The migration's temp dir (socket, state file, RAM dumps); removed when the migration closes."""
         assert self._temp_dir is not None, "the migration is not open"
-        return self._temp_dir / "guest-state.bin"
+        return self._temp_dir
+
+    @property
+    def state_file(self) -> Path:
+        """Where `via_file` keeps the guest's state."""
+        return self.work_dir / "guest-state.bin"
 
     def _capability_list(self) -> list[dict[str, Any]]:
         return [{"capability": name, "state": state} for name, state in self.capabilities.items()]
@@ -299,3 +305,38 @@ def saved_hint_state(state_file: Path) -> SavedHintState:
         fields = at + len(HINT_SUBSECTION) + 4  # skip the be32 version
         cmd_id, status = struct.unpack_from(">II", data, fields)
     return SavedHintState(cmd_id, HINT_STATUS_NAMES.get(status, f"unknown {status}"))
+
+
+def pages_differing_after_migration(source: Machine, destination_log_dir: Path, timeout: float,
+                                    parameters: dict[str, Any] | None = None) -> list[int]:
+    """Save `source` to a file, load it into a destination that never runs, and compare their RAM.
+
+    Returns the guest-physical addresses of the 4 KiB pages whose content differs between the stopped
+    source and the loaded destination. Without free page hinting every difference is a guest write
+    the migration lost (with hinting, hinted free pages legitimately differ).
+    """
+    with Migration(source, destination_log_dir, parameters=parameters, via_file=True) as migration:
+        migration.start()
+        migration.wait_completed(timeout)
+        loaded = machine_like(source, destination_log_dir, "defer", paused=True)
+        with loaded:
+            monitor(loaded).command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(migration.state_file))}")
+            wait_for(lambda: monitor(loaded).command("query-migrate").get("status") in FINAL_STATES, timeout,
+                     "the destination to load the saved state", interval=0.1)
+            dumps = []
+            for name, machine in (("source", source), ("destination", loaded)):
+                dump = migration.work_dir / f"{name}-ram.bin"
+                monitor(machine).command("pmemsave", val=0, size=source.memory_mib << 20, filename=str(dump))
+                dumps.append(dump)
+        return _differing_pages(*dumps)
+
+
+def _differing_pages(first: Path, second: Path, page: int = 4096) -> list[int]:
+    differing = []
+    with first.open("rb") as a, second.open("rb") as b:
+        address = 0
+        while chunk := a.read(page):
+            if chunk != b.read(page):
+                differing.append(address)
+            address += page
+    return differing
