@@ -17,7 +17,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Stable-sort this folder's tests by variant, in tier order, keeping each variant's tests in file order."""
+    """Stable-sort this folder's tests by variant, in tier order, keeping each variant's tests in file order,
+    except that tests taking `fresh_vm` come last: they end the variant's shared guest."""
     def variant_of(item: pytest.Item) -> str | None:
         callspec = getattr(item, "callspec", None)
         in_here = HERE in Path(str(item.fspath)).parents
@@ -28,7 +29,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         name = variant_of(item)
         if name is not None:
             order.setdefault(name, len(order))
-    guest_items = sorted((i for i in items if variant_of(i) is not None), key=lambda i: order[variant_of(i)])
+    def key(item: pytest.Item) -> tuple[int, bool]:
+        return order[variant_of(item) or ""], "fresh_vm" in getattr(item, "fixturenames", ())
+
+    guest_items = sorted((i for i in items if variant_of(i) is not None), key=key)
     others = [i for i in items if variant_of(i) is None]
     items[:] = others + guest_items
 

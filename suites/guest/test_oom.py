@@ -16,6 +16,21 @@ BEYOND_AVAILABLE_MIB = 64
 HOG_DEADLINE_S = 180.0  # measured 10-40 s under TCG for a 250 MiB hog that meets the OOM path
 
 
+@pytest.fixture
+def with_deflate_on_oom(variant: Variant) -> Variant:
+    """Requested before the guest, so a skip boots nothing."""
+    if not variant.deflate_on_oom:
+        pytest.skip("the variant does not offer DEFLATE_ON_OOM; test_balloon_holds_under_oom covers it")
+    return variant
+
+
+@pytest.fixture
+def without_deflate_on_oom(variant: Variant) -> Variant:
+    if variant.deflate_on_oom:
+        pytest.skip("the variant offers DEFLATE_ON_OOM; test_deflate_on_oom_feeds_the_hog covers it")
+    return variant
+
+
 def inflate_and_hog(vm: Machine) -> tuple[int, int, object]:
     """Inflate by BALLOON_MIB, then start a hog of MemAvailable + BEYOND_AVAILABLE_MIB; (target, oom_kill before, hog)."""
     target = (vm.memory_mib - BALLOON_MIB) * MIB
@@ -27,10 +42,8 @@ def inflate_and_hog(vm: Machine) -> tuple[int, int, object]:
 
 
 @pytest.mark.req("BAL-DRV-OOM-2")
-def test_deflate_on_oom_feeds_the_hog(shared_vm: Machine, variant: Variant) -> None:
+def test_deflate_on_oom_feeds_the_hog(with_deflate_on_oom: Variant, shared_vm: Machine) -> None:
     """With DEFLATE_ON_OOM the driver gives balloon pages to the hog: actual shrinks, nobody is OOM-killed."""
-    if not variant.deflate_on_oom:
-        pytest.skip("the variant does not offer DEFLATE_ON_OOM; test_balloon_holds_under_oom covers it")
     vm = shared_vm
     target, kills_before, hog = inflate_and_hog(vm)
     hog.wait_line(r"memhog: holding \d+ MiB", HOG_DEADLINE_S)
@@ -46,10 +59,8 @@ def test_deflate_on_oom_feeds_the_hog(shared_vm: Machine, variant: Variant) -> N
 
 @pytest.mark.oom_report_expected
 @pytest.mark.req("BAL-DRV-OOM-1")
-def test_balloon_holds_under_oom(shared_vm: Machine, variant: Variant) -> None:
+def test_balloon_holds_under_oom(without_deflate_on_oom: Variant, shared_vm: Machine) -> None:
     """Without DEFLATE_ON_OOM the balloon keeps its pages: the OOM killer acts and the guest survives."""
-    if variant.deflate_on_oom:
-        pytest.skip("the variant offers DEFLATE_ON_OOM; test_deflate_on_oom_feeds_the_hog covers it")
     vm = shared_vm
     target, kills_before, hog = inflate_and_hog(vm)
     wait_for(lambda: not hog.running(), HOG_DEADLINE_S, "the OOM killer to end the hog",

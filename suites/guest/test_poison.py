@@ -15,11 +15,18 @@ PATTERN = "--mib 64 --seed 23 --file /dev/shm/poison"
 CYCLES = 3
 
 
-@pytest.mark.req("BAL-DRV-PP-2", "BAL-DRV-FEAT-POISON")
-def test_poison_val_written_before_driver_ok(shared_vm: Machine, variant: Variant) -> None:
-    """The driver writes poison_val (0 with init_on_free, 0xaaaaaaaa with page_poison) before DRIVER_OK."""
+@pytest.fixture
+def poison_variant(variant: Variant) -> Variant:
+    """The variant, if Linux negotiates PAGE_POISON with it (requested before the guest, so a skip boots nothing)."""
     if F_PAGE_POISON not in variant.accepted_features():
         pytest.skip(f"PAGE_POISON is not negotiated by variant {variant.name}: no poison_val is written")
+    return variant
+
+
+@pytest.mark.req("BAL-DRV-PP-2", "BAL-DRV-FEAT-POISON")
+def test_poison_val_written_before_driver_ok(poison_variant: Variant, shared_vm: Machine) -> None:
+    """The driver writes poison_val (0 with init_on_free, 0xaaaaaaaa with page_poison) before DRIVER_OK."""
+    variant = poison_variant
     writes = trace_probe_writes(shared_vm)
     value, index = poison_val_written(writes)
     expected = 0 if variant.guest_boot == "iof" else int.from_bytes(bytes([POISON_BYTE] * 4), "little")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vballoon.benchmarks import process_rss_kib
+from vballoon.guest.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.target import MIB
@@ -19,8 +19,16 @@ FALL_FRACTION = 0.5  # reported in whole pageblocks: some freed memory stays in 
 PATTERN = "--mib 32 --seed 5 --file /dev/shm/reporting"
 
 
+@pytest.fixture
+def reporting_variant(variant: Variant) -> Variant:
+    """The variant, if Linux negotiates REPORTING with it (requested before the guest, so a skip boots nothing)."""
+    if F_REPORTING not in variant.accepted_features():
+        pytest.skip(f"REPORTING is not negotiated by variant {variant.name}")
+    return variant
+
+
 def rss_bytes(vm: Machine) -> int:
-    return process_rss_kib(vm.pid) * 1024
+    return qemu_memory_bytes(vm.pid)
 
 
 def dirty_and_free(vm: Machine) -> tuple[int, int]:
@@ -31,15 +39,13 @@ def dirty_and_free(vm: Machine) -> tuple[int, int]:
 
 
 @pytest.mark.req("BAL-DRV-FPR-6", "BAL-DRV-FPR-1", "BAL-DRV-FPR-3", "BAL-DRV-FPR-2")
-def test_freed_memory_returns_to_the_host(shared_vm: Machine, variant: Variant) -> None:
+def test_freed_memory_returns_to_the_host(reporting_variant: Variant, shared_vm: Machine) -> None:
     """With REPORTING and poison_val 0, freed guest memory leaves QEMU's RSS; a pattern kept aside survives.
 
     With page_poison=1 (poison_val 0xaaaaaaaa) QEMU must not discard reported pages: RSS stays.
     """
-    accepted = variant.accepted_features()
-    if F_REPORTING not in accepted:
-        pytest.skip(f"REPORTING is not negotiated by variant {variant.name}")
-    poisoned = variant.guest_boot == "pgpoison" and F_PAGE_POISON in accepted
+    variant = reporting_variant
+    poisoned = variant.guest_boot == "pgpoison" and F_PAGE_POISON in variant.accepted_features()
     vm = shared_vm
     run_hog(vm.ssh, f"fill {PATTERN}")
     freed, rss_after_free = dirty_and_free(vm)

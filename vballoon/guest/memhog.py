@@ -6,10 +6,12 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from vballoon.errors import GuestError
 from vballoon.guest.ssh import GuestShell
 from vballoon.waiting import wait_for
 
 OUTPUT_DIR = "/run/memhog"
+STOP_DEADLINE_S = 30
 
 
 @dataclass
@@ -72,5 +74,8 @@ def run_hog(shell: GuestShell, args: str, timeout: float = 120.0) -> str:
 
 def stop_all_hogs(shell: GuestShell) -> None:
     """Kill every memhog left in the guest and remove pattern files and outputs."""
-    shell.run(f"killall -KILL memhog 2>/dev/null; rm -rf {OUTPUT_DIR} /dev/shm/*", check=False)
-    wait_for(lambda: shell.run("pidof memhog", check=False).status != 0, 30, "every memhog to exit")
+    gone = shell.run(f"killall -KILL memhog 2>/dev/null; rm -rf {OUTPUT_DIR} /dev/shm/*; "
+                     f"for i in $(seq {STOP_DEADLINE_S * 10}); do pidof memhog >/dev/null || exit 0; sleep 0.1; done; "
+                     "exit 1", timeout=STOP_DEADLINE_S + 30, check=False)
+    if gone.status != 0:
+        raise GuestError(f"memhog still running {STOP_DEADLINE_S} s after SIGKILL")

@@ -26,7 +26,7 @@ def set_target(vm: Machine, target_bytes: int, timeout: float = CONVERGE_DEADLIN
     requirement = "BAL-DRV-OP-1" if target_bytes < before else "BAL-DRV-OP-2"
     try:
         wait_for(lambda: vm.query_balloon_bytes() == target_bytes, timeout,
-                 f"query-balloon actual to reach {target_bytes} ({requirement})", interval=0.05,
+                 f"query-balloon actual to reach {target_bytes} ({requirement})", interval=0.01,
                  describe_last=lambda: f"actual {vm.query_balloon_bytes()} (was {before})")
     except DeadlineExceeded as error:
         raise AssertionError(f"{requirement}: expected actual {target_bytes}, {error}") from None
