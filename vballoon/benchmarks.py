@@ -86,7 +86,8 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         junit = out.parent / f"bench-matrix-{tier_name}.xml"
         args = [sys.executable, "-m", "pytest", suites, "-q", "-p", "no:cacheprovider", f"--matrix={tier_name}",
                 f"--accel={accel}", f"--junitxml={junit}"]
-        args += [f"--{name}={value}" for name, value in (("qemu", qemu), ("kernel", kernel), ("modules", modules)) if value]
+        targets = (("qemu", qemu), ("kernel", kernel), ("modules", modules))
+        args += [f"--{name}={value}" for name, value in targets if value]
         started = time.monotonic()
         completed = subprocess.run(args)
         wall = time.monotonic() - started

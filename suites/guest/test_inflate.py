@@ -10,7 +10,7 @@ import pytest
 
 from fixtures.qtest_device import expect_conformance
 from vballoon.guest.host_memory import qemu_memory_bytes
-from vballoon.guest.driver import read_from
+from vballoon.guest.health import log_since
 from vballoon.guest.memhog import run_hog, start_hog
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.target import MIB, PAGE, set_target, wait_actual_settles
@@ -66,7 +66,7 @@ def test_targets_reached_with_events_vmstat_and_memtotal(shared_vm: Machine, var
         before_actual, before = vm.query_balloon_bytes(), read_guest_memory(vm.ssh)
         vm.qmp.take_events("BALLOON_CHANGE")
         set_target(vm, target)
-        vm.qmp.wait_event("BALLOON_CHANGE", EVENT_DEADLINE_S, lambda e: e["data"]["actual"] == target)
+        vm.qmp.wait_event("BALLOON_CHANGE", EVENT_DEADLINE_S, lambda e, wanted=target: e["data"]["actual"] == wanted)
         after = read_guest_memory(vm.ssh)
         pages = (before_actual - target) // PAGE
         inflated = after.vmstat["balloon_inflate"] - before.vmstat["balloon_inflate"]
@@ -159,8 +159,8 @@ def test_legacy_actual_written_in_one_access(legacy_variant: Variant, shared_vm:
     start = vm.logs.stderr.stat().st_size
     target = ram - 300 * MIB  # actual crosses 0xff00 -> 0x10000 pages: a carry into the third byte
     set_target(vm, target)
-    values = [int(m[1]) for m in SET_CONFIG.finditer(read_from(vm.logs.stderr, start))]
-    backwards = [(a, b) for a, b in zip(values, values[1:]) if b < a]
+    values = [int(m[1]) for m in SET_CONFIG.finditer(log_since(vm.logs.stderr, start))]
+    backwards = [(a, b) for a, b in zip(values, values[1:], strict=False) if b < a]
     expect_conformance(not backwards, "BAL-DRV-LEG-ACT", session.qemu,
                        f"while inflating to {target} bytes actual went backwards {backwards[:3]} in QEMU's "
                        f"virtio_balloon_set_config trace: it was written in more than one access")

@@ -1,10 +1,10 @@
-"""A real OOM in the guest while the balloon holds memory: deflate-on-OOM gives pages back, otherwise the balloon holds."""
+"""A real OOM in the guest while the balloon holds memory: deflate-on-OOM gives pages back, else the balloon holds."""
 
 from __future__ import annotations
 
 import pytest
 
-from vballoon.guest.memhog import start_hog
+from vballoon.guest.memhog import BackgroundHog, start_hog
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import Variant
@@ -31,8 +31,8 @@ def without_deflate_on_oom(variant: Variant) -> Variant:
     return variant
 
 
-def inflate_and_hog(vm: Machine) -> tuple[int, int, object]:
-    """Inflate by BALLOON_MIB, then start a hog of MemAvailable + BEYOND_AVAILABLE_MIB; (target, oom_kill before, hog)."""
+def inflate_and_hog(vm: Machine) -> tuple[int, int, BackgroundHog]:
+    """Inflate by BALLOON_MIB, then hog MemAvailable + BEYOND_AVAILABLE_MIB; (target, oom_kill before, hog)."""
     target = (vm.memory_mib - BALLOON_MIB) * MIB
     set_target(vm, target)
     memory = read_guest_memory(vm.ssh)

@@ -9,7 +9,7 @@ import pytest
 
 from vballoon.guest.driver import reload_driver
 from vballoon.guest.procfs import GuestMemory, read_guest_memory
-from vballoon.guest.stats import StatsReport, read_stats, set_polling_interval, wait_report_after
+from vballoon.guest.stats import StatsReport, set_polling_interval, wait_report_after
 from vballoon.qemu.machine import Machine
 from vballoon.spec import PAGE_SIZE
 from vballoon.waiting import wait_for
@@ -68,7 +68,7 @@ def test_reports_every_interval_with_the_same_supported_tags(shared_vm: Machine)
     vm = shared_vm
     set_polling_interval(vm, INTERVAL_S)
     reports = collect_reports(vm, REPORTS)
-    gaps = [b.last_update - a.last_update for a, b in zip(reports, reports[1:])]
+    gaps = [b.last_update - a.last_update for a, b in zip(reports, reports[1:], strict=False)]
     assert max(gaps) <= MAX_GAP_S, (
         f"BAL-DRV-ST-3: polling every {INTERVAL_S} s: expected reports at most {MAX_GAP_S} s apart, got gaps {gaps}")
     expected = supported_stats(read_guest_memory(vm.ssh), frozenset(reports[0].values))

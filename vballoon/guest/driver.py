@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
+from vballoon.guest.health import log_since
 from vballoon.qemu.machine import Machine
 
 OPS_WRITE = re.compile(r"memory_region_ops_write cpu \d+ mr (?P<mr>0x[0-9a-f]+) addr (?P<addr>0x[0-9a-f]+) "
@@ -54,13 +54,7 @@ def trace_probe_writes(vm: Machine) -> list[ConfigWrite]:
         reload_driver(vm)
     finally:
         vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write off"})
-    return balloon_writes(read_from(vm.logs.stderr, start), legacy=vm.variant.transport == "legacy")
-
-
-def read_from(path: Path, offset: int) -> str:
-    with path.open("rb") as log:
-        log.seek(offset)
-        return log.read().decode(errors="replace")
+    return balloon_writes(log_since(vm.logs.stderr, start), legacy=vm.variant.transport == "legacy")
 
 
 def balloon_writes(trace: str, legacy: bool) -> list[ConfigWrite]:

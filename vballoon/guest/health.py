@@ -11,6 +11,7 @@ Call Trace of the allocating task; a test that provokes a real OOM
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from vballoon.qemu.machine import GUEST_TROUBLE
 
@@ -33,6 +34,13 @@ def kernel_trouble(log: str, allow_oom_reports: bool = False) -> list[str]:
         if trouble and not (in_oom_report and CALL_TRACE.search(line) and trouble.group(0) == "Call Trace"):
             found.append(line.strip())
     return found
+
+
+def log_since(path: Path, offset: int) -> str:
+    """The text a log file gained after byte `offset`."""
+    with path.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
 
 
 def after_marker(log: str, marker: str) -> str:

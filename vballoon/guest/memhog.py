@@ -60,7 +60,7 @@ class BackgroundHog:
 
 
 def start_hog(shell: GuestShell, args: str, name: str, oom_score_adj: int = 0) -> BackgroundHog:
-    """Start `memhog ARGS` detached from the SSH channel; `oom_score_adj` 1000 makes it the OOM killer's first choice."""
+    """Start `memhog ARGS` detached from SSH; `oom_score_adj` 1000 makes it the OOM killer's first choice."""
     output_file = f"{OUTPUT_DIR}/{name}.out"
     script = (f"echo {oom_score_adj} > /proc/self/oom_score_adj; exec memhog {args}")
     pid = shell.output(f"mkdir -p {OUTPUT_DIR}; sh -c {shlex.quote(script)} </dev/null >{output_file} 2>&1 & echo $!")

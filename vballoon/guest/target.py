@@ -1,14 +1,15 @@
-"""Driving the balloon from the host: QMP `balloon` targets and waiting for `actual` to follow (BAL-DRV-OP-1/2, BAL-DRV-ACT-1)."""
+"""Driving the balloon from the host: QMP `balloon` targets, waiting for `actual` (BAL-DRV-OP-1/2, BAL-DRV-ACT-1)."""
 
 from __future__ import annotations
 
 import time
 
 from vballoon.qemu.machine import Machine
+from vballoon.spec import PAGE_SIZE
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 MIB = 1 << 20
-PAGE = 4096
+PAGE = PAGE_SIZE
 # Measured: 256 MiB inflate in 0.3-0.7 s under TCG on an idle 2-core host; the
 # deadline allows 50x that for a loaded host.
 CONVERGE_DEADLINE_S = 30.0
