@@ -211,12 +211,21 @@ def driver_features(features: int, offered: int) -> int:
     return features & feature_mask(*BALLOON_FEATURES) | offered & feature_mask(Feature.VERSION_1)
 
 
+@dataclass(frozen=True)
+class FixedClock:
+    """The reference's clock: time stands still within a scenario (a plain value, so a transport pickles)."""
+
+    seconds: float
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
 class ReferenceTransport:
     """The reference device and driver in memory; the host side (QMP, timers, stop/cont) is modelled here."""
 
     def __init__(self, variant: Variant, legacy_interface: bool, ram_bytes: int = MEMORY_MIB << 20) -> None:
-        started = time.time()
-        self.device = BalloonDevice(reference_properties(variant, legacy_interface, ram_bytes), lambda: started)
+        self.device = BalloonDevice(reference_properties(variant, legacy_interface, ram_bytes), FixedClock(time.time()))
         self.driver = ReferenceDriver(self.device)
         self.running = True
         self.events: list[int] = []

@@ -27,10 +27,20 @@ if TYPE_CHECKING:
     from vballoon.transport import Scenario
 
 FUZZ_DIR = Path(__file__).resolve().parents[2] / "fuzz"
-INSTRUMENTED = ["vballoon.reference.device", "vballoon.reference.stats", "vballoon.reference.hinting",
-                "vballoon.reference.ram", "vballoon.spec", "vballoon.fuzz.format"]
-"""Where coverage guides the fuzzer: the device model, the wire codecs and the input decoder. The in-memory
-driver, the rings and the QEMU side run uninstrumented: every input builds rings the same way."""
+DEVICE_MODEL = ("vballoon.reference.device", "vballoon.reference.stats", "vballoon.reference.hinting", "vballoon.spec")
+"""Where coverage guides every target: the device model and the wire codecs. The in-memory driver, the rings,
+guest RAM and the QEMU side run uninstrumented: every input builds rings and moves pages the same way, and
+their branches (bounds checks) are seen again in the device model that catches their errors."""
+DECODER = "vballoon.fuzz.format"
+"""Instrumented too for the targets that decode the scenario format: which operations an input holds."""
+DECODING_TARGETS = ("config", "scenario", "qemu_differential")
+"""Named here, not read from `vballoon.fuzz.targets`: importing that before instrumenting would leave the
+device model uninstrumented."""
+
+
+def instrumented(target_name: str) -> tuple[str, ...]:
+    """The modules whose coverage guides `target_name`."""
+    return DEVICE_MODEL + ((DECODER,) if target_name in DECODING_TARGETS else ())
 
 
 class FindingRaised(Exception):
@@ -134,28 +144,30 @@ def differential_input(target_name: str) -> tuple[Callable[[bytes], None], Calla
     return one_input, cleanup
 
 
-def _uninstrumented() -> list[str]:
-    """Every vballoon module outside INSTRUMENTED (atheris includes whole top-level packages), found without
-    importing any (an imported module is no longer instrumented)."""
+def _uninstrumented(target_name: str) -> list[str]:
+    """Every vballoon module outside `instrumented(target_name)` (atheris includes whole top-level packages),
+    found without importing any of them (an imported module is no longer instrumented)."""
     package = Path(__file__).resolve().parents[1]
     names = {".".join(("vballoon", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
              for path in package.rglob("*.py")}
-    return sorted(names - set(INSTRUMENTED))
+    return sorted(names - set(instrumented(target_name)))
 
 
 def main(target_name: str) -> None:
-    """Run one target under libFuzzer with the command line's options (-runs, -max_total_time, corpus dirs)."""
+    """Run one target under libFuzzer with the command line's options (-runs, -max_total_time, corpus dirs;
+    -max_len defaults to the target's)."""
     import atheris
 
-    with atheris.instrument_imports(include=["vballoon"], exclude=_uninstrumented()):
+    with atheris.instrument_imports(include=["vballoon"], exclude=_uninstrumented(target_name.removeprefix("fuzz_"))):
         from vballoon.fuzz.targets import target_named
-        on_qemu = target_named(target_name).on_qemu
-        if on_qemu:
+        target = target_named(target_name)
+        if target.on_qemu:
             one_input, cleanup = differential_input(target_name)
         else:
             one_input, cleanup = reference_input(target_name), lambda: None
     keep_alive = _at_process_exit(cleanup)
-    atheris.Setup(sys.argv, one_input)
+    options = [] if any(arg.startswith("-max_len=") for arg in sys.argv) else [f"-max_len={target.max_len}"]
+    atheris.Setup([*sys.argv[:1], *options, *sys.argv[1:]], one_input)
     try:
         atheris.Fuzz()
     finally:

@@ -99,6 +99,9 @@ class Target:
     name: str
     summary: str
     scenario_for: Callable[[bytes], Scenario]
+    max_len: int
+    """libFuzzer's -max_len unless given: room for every layout the decoder reads, not libFuzzer's 4096 bytes
+    (a 4 KiB PFN buffer or 64 operations of long buffers cost many times a typical input)."""
     on_qemu: bool = False
     dictionary: tuple[bytes, ...] = ()
 
@@ -113,15 +116,15 @@ PFN_WORDS = tuple(encode_pfns([pfn]) for pfn in (*POOL_PFNS[:2], 0, 0x8000, 0xFF
 CMD_ID_WORDS = tuple(encode_cmd_id(i) for i in (CMD_ID_STOP, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_FIRST))
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("stats", "one stats buffer on the reference", stats_scenario,
+    Target("stats", "one stats buffer on the reference", stats_scenario, 256,
            dictionary=STATS_WORDS + (encode_stats([(4, 1 << 30)]),)),
-    Target("pfn", "inflate/deflate PFN buffers on the reference", pfn_scenario, dictionary=PFN_WORDS),
-    Target("hint", "a free page hint command buffer on the reference", hint_scenario, dictionary=CMD_ID_WORDS),
-    Target("report", "a free page report buffer on the reference", report_scenario),
-    Target("config", "config space accesses on the reference", config_scenario),
-    Target("scenario", "whole scenarios on the reference", decode),
+    Target("pfn", "inflate/deflate PFN buffers on the reference", pfn_scenario, 512, dictionary=PFN_WORDS),
+    Target("hint", "a free page hint command buffer on the reference", hint_scenario, 64, dictionary=CMD_ID_WORDS),
+    Target("report", "a free page report buffer on the reference", report_scenario, 16),
+    Target("config", "config space accesses on the reference", config_scenario, 256),
+    Target("scenario", "whole scenarios on the reference", decode, 512),
     Target("qemu_differential", "whole scenarios on QEMU over qtest and on the reference",
-           differential_scenario(device_byte(DIFFERENTIAL_VARIANT, False)), on_qemu=True),
+           differential_scenario(device_byte(DIFFERENTIAL_VARIANT, False)), 512, on_qemu=True),
 )}
 
 
