@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.guest_vm import OOM_REPORT_MARK
+from vballoon.matrix import Variant
 
 HERE = Path(__file__).parent
 
@@ -45,3 +46,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     dmesg = getattr(item, "vballoon_dmesg", None)
     if report.failed and dmesg is not None:
         report.sections.append(("guest dmesg kept", str(dmesg)))
+
+
+# Variant gates: tests request them before the guest, so a skip boots and checks nothing.
+
+@pytest.fixture
+def with_deflate_on_oom(variant: Variant) -> Variant:
+    if not variant.deflate_on_oom:
+        pytest.skip(f"variant {variant.name} does not offer DEFLATE_ON_OOM")
+    return variant
+
+
+@pytest.fixture
+def without_deflate_on_oom(variant: Variant) -> Variant:
+    if variant.deflate_on_oom:
+        pytest.skip(f"variant {variant.name} offers DEFLATE_ON_OOM")
+    return variant

@@ -36,14 +36,6 @@ def legacy_variant(variant: Variant) -> Variant:
 
 
 @pytest.fixture
-def deflate_on_oom_variant(variant: Variant) -> Variant:
-    if not variant.deflate_on_oom:
-        pytest.skip("without DEFLATE_ON_OOM the balloon must hold its pages (BAL-DRV-OOM-1); Linux 6.1 then "
-                    "panics 'System is deadlocked on memory' when asked for more than it can give")
-    return variant
-
-
-@pytest.fixture
 def small_host_pages(variant: Variant) -> Variant:
     if variant.backend == "hugetlb":
         pytest.skip("QEMU 7.2 discards a 2 MiB host page only when one inflate element names all 512 of its "
@@ -137,7 +129,7 @@ def test_resizes_while_memhog_holds_a_pattern(shared_vm: Machine) -> None:
 
 
 @pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OOM-2")
-def test_target_below_what_the_guest_can_give(deflate_on_oom_variant: Variant, fresh_vm: Machine) -> None:
+def test_target_below_what_the_guest_can_give(with_deflate_on_oom: Variant, fresh_vm: Machine) -> None:
     """Asking for nearly all guest RAM: with DEFLATE_ON_OOM the guest gives what it can and keeps answering SSH.
 
     Without DEFLATE_ON_OOM the balloon must hold its pages (BAL-DRV-OOM-1): Linux 6.1 then inflates until the

@@ -16,21 +16,6 @@ BEYOND_AVAILABLE_MIB = 64
 HOG_DEADLINE_S = 180.0  # measured 10-40 s under TCG for a 250 MiB hog that meets the OOM path
 
 
-@pytest.fixture
-def with_deflate_on_oom(variant: Variant) -> Variant:
-    """Requested before the guest, so a skip boots nothing."""
-    if not variant.deflate_on_oom:
-        pytest.skip("the variant does not offer DEFLATE_ON_OOM; test_balloon_holds_under_oom covers it")
-    return variant
-
-
-@pytest.fixture
-def without_deflate_on_oom(variant: Variant) -> Variant:
-    if variant.deflate_on_oom:
-        pytest.skip("the variant offers DEFLATE_ON_OOM; test_deflate_on_oom_feeds_the_hog covers it")
-    return variant
-
-
 def inflate_and_hog(vm: Machine) -> tuple[int, int, BackgroundHog]:
     """Inflate by BALLOON_MIB, then hog MemAvailable + BEYOND_AVAILABLE_MIB; (target, oom_kill before, hog)."""
     target = (vm.memory_mib - BALLOON_MIB) * MIB
