@@ -186,10 +186,8 @@ class Migration:
         try:
             info = self._wait_final(timeout)
         except DeadlineExceeded as error:
-            last = self.query()
             monitor(self.source).try_command("migrate_cancel")
-            raise MigrationError(f"{error}: the migration did not converge (last query-migrate: "
-                                 f"{_summary(last)}); {self.describe_logs()}") from None
+            raise MigrationError(f"the migration did not converge: {error}; {self.describe_logs()}") from None
         outcome = MigrationOutcome(str(info["status"]), time.monotonic() - self.started_at, info)
         if outcome.status != "completed":
             raise MigrationError(f"migration ended {outcome.status}: {info.get('error-desc', 'no error text')}; "
