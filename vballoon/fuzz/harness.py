@@ -122,7 +122,7 @@ def differential_input(target_name: str) -> tuple[Callable[[bytes], None], Calla
     legacy = os.environ.get("VBALLOON_FUZZ_LEGACY") == "1"
     scenario_for = differential_scenario(device_byte(variant, legacy))
     log_dir = Path(tempfile.mkdtemp(prefix="vballoon-fuzz-qemu-"))
-    executor = QemuDifferential(qemu, variant, legacy, log_dir)
+    executor = QemuDifferential(qemu, variant, legacy, log_dir, record=False)
     sink = FindingSink(target_name, lambda: {"qemu_version": qemu.version_text, "qemu_path": str(qemu.path),
                                              "qemu_command_line": executor.command_line(),
                                              "variant": variant.name, "legacy_interface": legacy})

@@ -23,12 +23,15 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Callable, Iterator, Sequence, TextIO, TypeVar
 
 from vballoon.errors import QemuError
 from vballoon.waiting import wait_for
 
 DEFAULT_TIMEOUT = 10.0
+NOTED_ANSWER = "0000"
+"""What a read answers while `batched` notes requests: parses as hex and as base64; the value is discarded."""
+T = TypeVar("T")
 
 
 class QtestCommandError(QemuError):
@@ -62,6 +65,9 @@ class QtestClient:
         self.clock_step_supported = clock_step_supported
         self.irq_levels: dict[int, bool] = {}
         self.round_trips = 0
+        self._noted: list[str] | None = None
+        self._answers: Iterator[str] | None = None
+        self._snapshots: list[tuple[int, bytes]] = []
         self.recording: list[str] | None = None
         """When a list, every request line sent from now on is appended to it, in order (for reproducers)."""
         self.base64 = self._probe_base64()
@@ -88,7 +94,45 @@ class QtestClient:
         if self._pipeline_depth == 0 and self._unsent:
             self._round_trip([])
 
+    def batched(self, reads: Callable[[], T]) -> T:
+        """`reads()` with all its requests in one round trip. `reads` runs twice: first to note its requests
+        (reads answer a placeholder), then with QEMU's answers in order; so what it requests must not depend
+        on what it reads, and it must not change anything."""
+        self._noted = []
+        try:
+            reads()
+            noted = self._noted
+        finally:
+            self._noted = None
+        self._answers = iter(self._requests(noted))
+        try:
+            return reads()
+        finally:
+            self._answers = None
+
+    @contextmanager
+    def snapshot(self, ranges: Sequence[tuple[int, int]]) -> Iterator[None]:
+        """Within the block, `read`s that lie inside one of the (address, length) `ranges` of guest memory are
+        answered from one read of all of them, made in one round trip on entry."""
+        contents = self._requests([f"b64read {addr:#x} {n:#x}" if self.base64 else f"read {addr:#x} {n:#x}"
+                                     for addr, n in ranges])
+        self._snapshots = [(addr, self._decode_memory(text)) for (addr, _), text in zip(ranges, contents, strict=True)]
+        try:
+            yield
+        finally:
+            self._snapshots = []
+
+    def _requests(self, lines: list[str]) -> list[str]:
+        """The answers to `lines`, sent in one round trip after whatever the pipeline holds."""
+        return self._round_trip(lines)[-len(lines):] if lines else []
+
     def _execute(self, line: str, reply_needed: bool) -> str:
+        if self._noted is not None:
+            if reply_needed:
+                self._noted.append(line)
+            return NOTED_ANSWER
+        if self._answers is not None and reply_needed:
+            return next(self._answers)
         if self._pipeline_depth and not reply_needed:
             self._unsent.append(line)
             return ""
@@ -221,9 +265,14 @@ class QtestClient:
         """`n` bytes of guest memory (b64read when the binary has it)."""
         if n == 0:
             return b""  # QEMU asserts on a zero-length read
-        if self.base64:
-            return base64.b64decode(self.command(f"b64read {addr:#x} {n:#x}"))
-        return bytes.fromhex(self.command(f"read {addr:#x} {n:#x}").removeprefix("0x"))
+        for start, content in self._snapshots:
+            if start <= addr and addr + n <= start + len(content):
+                return content[addr - start:addr - start + n]
+        return self._decode_memory(self.command(f"b64read {addr:#x} {n:#x}" if self.base64 else
+                                                f"read {addr:#x} {n:#x}"))
+
+    def _decode_memory(self, answer: str) -> bytes:
+        return base64.b64decode(answer) if self.base64 else bytes.fromhex(answer.removeprefix("0x"))
 
     def write(self, addr: int, data: bytes) -> None:
         """Write `data` to guest memory (b64write when the binary has it)."""

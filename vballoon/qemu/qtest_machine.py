@@ -62,8 +62,11 @@ class QtestMachine:
     """QEMU with one virtio-balloon-pci device, a qtest connection and QMP, but no guest."""
 
     def __init__(self, qemu: QemuBinary, variant: Variant, log_dir: Path, memory_mib: int = 128,
-                 trace_events: tuple[str, ...] = (), qtest_timeout: float = 10.0) -> None:
+                 trace_events: tuple[str, ...] = (), qtest_timeout: float = 10.0, keep_qtest_transcript: bool = True
+                 ) -> None:
         self.qemu = qemu
+        self.keep_qtest_transcript = keep_qtest_transcript
+        """Off for long runs of many inputs (a fuzzer's QEMU): the transcript would grow without end."""
         self.variant = variant
         self.memory_mib = memory_mib
         self.trace_events = trace_events
@@ -126,13 +129,14 @@ class QtestMachine:
             connection = self._accept(listener)
         finally:
             listener.close()
-        transcript = self.qtest_transcript.open("w", encoding="ascii")
+        transcript = self.qtest_transcript.open("w", encoding="ascii") if self.keep_qtest_transcript else None
         try:
             self._qtest = QtestClient(connection, self.exit_description, timeout=self.qtest_timeout,
                                       clock_step_supported=self.accel == "qtest", transcript=transcript)
         except BaseException:
             connection.close()
-            transcript.close()
+            if transcript is not None:
+                transcript.close()
             raise
         try:
             self._qmp.accept(timeout=START_TIMEOUT)
