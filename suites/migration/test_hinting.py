@@ -34,7 +34,7 @@ HINTING_BANDWIDTH = 64 << 20
 # 4 MiB/s: the first pass takes over a minute, so a cancel lands while hinting holds the memory.
 CANCEL_BANDWIDTH = 4 << 20
 # Hinting must save at least this share of what the same guest sends without it. Measured here
-# (2 cores, TCG, another engineer's TCG guests running): 0.24-0.25 in 3 runs with 300 MiB touched and
+# (2 cores, TCG, other TCG guests running): 0.24-0.25 in 3 runs with 300 MiB touched and
 # freed (96 MB against 400 MB); 0.6 leaves room for a slower guest.
 MAX_TRANSFER_RATIO = 0.6
 # MemFree after DONE versus before migration. Measured: at most 2.0 MiB lower over 10 migrations and cancels
