@@ -18,7 +18,7 @@ from vballoon.matrix import TIERS, Variant, tier
 from vballoon.requirements import check_marker_args
 from vballoon.session import Session
 
-pytest_plugins = ["fixtures.guest_vm", "fixtures.qtest_device"]
+pytest_plugins = ["fixtures.guest_vm", "fixtures.qtest_device", "fixtures.migration"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
