@@ -30,9 +30,9 @@ from vballoon.qemu.machine import MachineLogs, QemuBinary, die_with_parent, tail
 from vballoon.qemu.monitor import Monitor
 from vballoon.qemu.qtest import QtestClient, has_qtest_accelerator
 from vballoon.qemu.virtio_pci import BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_ID_TRANSITIONAL, VirtioPciDriver
-from vballoon.spec import BALLOON_FEATURES, PAGE_SIZE, BalloonConfig, ConfigField, Feature, encode_pfns, \
+from vballoon.spec import BALLOON_FEATURES, PAGE_SIZE, BalloonConfig, ConfigField, Feature, Status, encode_pfns, \
     feature_mask, has_feature
-from vballoon.virtqueue import Buffer, UsedElement
+from vballoon.virtqueue import Buffer, SplitDriverQueue, UsedElement
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 FIRMWARE_SIZE = 64 * 1024
@@ -282,6 +282,8 @@ class QtestBalloon:
                                            (BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_ID_TRANSITIONAL),
                                            legacy_interface)
         self.offered = self.driver.interface.device_features()
+        self._queue_sizes: dict[int, int] = {}
+        """Queue sizes, fixed when QEMU created the device: read once, not once per queue per negotiation."""
 
     @property
     def default_features(self) -> int:
@@ -301,14 +303,31 @@ class QtestBalloon:
         features = self.default_features if features is None else features
         if not self.driver.negotiate(features):
             raise QemuError(f"the device refused FEATURES_OK for {features:#x}; status {self.driver.status:#x}")
-        if poison_val is not None:
-            self.driver.config_write(ConfigField.POISON_VAL, 4, poison_val)
-        for index in [INFLATEQ, DEFLATEQ, STATSQ] + [self.queue_index(f) for f in (Feature.FREE_PAGE_HINT,
-                                                                                   Feature.REPORTING)
-                                                     if has_feature(self.offered, f)]:
-            self.driver.setup_queue(index)
-        self.driver.driver_ok()
+        indices = [INFLATEQ, DEFLATEQ, STATSQ] + [self.queue_index(f) for f in (Feature.FREE_PAGE_HINT,
+                                                                                Feature.REPORTING)
+                                                  if has_feature(self.offered, f)]
+        for index in indices:
+            if index not in self._queue_sizes:
+                self._queue_sizes[index] = self.driver.interface.queue_max_size(index)
+        with self.qtest.pipeline():  # no read from here on: one round trip
+            if poison_val is not None:
+                self.driver.config_write(ConfigField.POISON_VAL, 4, poison_val)
+            for index in indices:
+                self._setup_queue(index, self._queue_sizes[index])
+            accepted = Status.ACKNOWLEDGE | Status.DRIVER | (0 if self.driver.interface.is_legacy else
+                                                             Status.FEATURES_OK)
+            self.driver.set_status(accepted | Status.DRIVER_OK)
         return features
+
+    def _setup_queue(self, index: int, size: int) -> None:
+        """`VirtioPciDriver.setup_queue` with the size known: lay the ring out and enable it, without a read."""
+        driver = self.driver
+        base = driver.allocator.alloc(driver.interface.ring_bytes(size), align=PAGE_SIZE)
+        layout = driver.interface.ring_layout(size, base)
+        driver.queues[index] = SplitDriverQueue(self.qtest, layout, event_idx=has_feature(driver.features,
+                                                                                          Feature.EVENT_IDX),
+                                                endian=driver.endian)
+        driver.interface.enable_queue(index, layout)
 
     # --- buffers ---------------------------------------------------------
 
