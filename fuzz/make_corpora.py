@@ -58,6 +58,11 @@ def _scenario_seeds() -> dict[str, tuple[Operation, ...]]:
             Negotiate(ALL_FEATURES, 0x77777777), AddBuffer(REPORTING_VQ, b"", POOL_PFNS[:4])),
         "report-pages-without-poison": tuple(FillPage(p, 0x33) for p in POOL_PFNS) + (
             Negotiate(ALL_FEATURES & ~0b10000), AddBuffer(REPORTING_VQ, b"", POOL_PFNS[:4])),
+        # Driver violations (BAL-DRV-PP-2): poison_val left unpopulated is any value, whatever bytes QEMU kept.
+        "poison-val-written-without-page-poison": (Negotiate(0b10), WriteConfig(ConfigField.POISON_VAL, 4, 0xF8F8F8F8),
+                                                   Negotiate(ALL_FEATURES), WriteConfig(ConfigField.ACTUAL, 4, 16)),
+        # QEMU holds hint buffers while the VM is stopped; the bad command id's error comes after cont.
+        "hint-short-command-id-while-stopped": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0")),
         "fill-stop-cont-reset": (FillPage(POOL_PFNS[7], 0xEE), negotiate, Stop(), Cont(), Reset(), negotiate),
         # QEMU < 4.1 sign-extended PFNs with bit 31 set.
         "historical-pfn-bit31-sign-extension": (negotiate, AddBuffer(INFLATEQ, encode_pfns([0x80000000 | POOL_PFNS[0]]))),

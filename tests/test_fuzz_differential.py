@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 from vballoon.cli import main
+from vballoon.fuzz.differential import QemuDifferential
+from vballoon.fuzz.format import load
+from vballoon.transport import QemuTransport
+from vballoon.matrix import Variant
+from vballoon.spec import ConfigField
 from vballoon.fuzz.crashes import crash_files, read_sidecar
 from vballoon.fuzz.harness import FUZZ_DIR
 from vballoon.qemu.machine import QemuBinary
@@ -102,3 +107,34 @@ def test_qemu_that_dies_at_start_is_one_line(tmp_path: Path, capsys: pytest.Capt
     assert main(["reproduce", str(seed), "--qemu", str(fake)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vballoon: error: ") and len(err.splitlines()) == 1 and "cannot start" in err
+
+
+SEEDS = FUZZ_DIR / "corpora" / "qemu_differential"
+
+
+def test_one_qemu_runs_every_seed_back_to_back_without_findings(tmp_path: Path, qemu: QemuBinary) -> None:
+    """The long-lived QEMU, restored between inputs, judges like a fresh one: a hint held while the VM was
+    stopped does not turn into a late device error in the next input, and poison_val bytes a driver left
+    behind (BAL-DRV-PP-2 unmet) are not a difference."""
+    first = ["hint-short-command-id-while-stopped", "poison-val-written-without-page-poison"]
+    paths = [SEEDS / name for name in first] + sorted(p for p in SEEDS.iterdir() if p.name not in first)
+    scenarios = [load(path) for path in paths]
+    with QemuDifferential(qemu, scenarios[0].variant, False, tmp_path, record=False) as executor:
+        findings = {path.name: executor.run(scenario) for path, scenario in zip(paths, scenarios, strict=True)}
+        assert executor.starts == 1
+    assert {name: finding.summary for name, finding in findings.items() if finding} == {}
+
+
+def test_batched_and_snapshot_reads_answer_as_single_reads(tmp_path: Path, qemu: QemuBinary) -> None:
+    with QemuTransport(qemu, Variant(), False, tmp_path) as transport:
+        driver, qtest = transport.balloon.driver, transport.machine.qtest
+        transport.balloon.start(poison_val=0x12345678)
+        qtest.write(0x900000, bytes(range(256)))
+        single = [driver.status] + [driver.config_read(offset, 4) for offset in range(0, 16, 4)]
+        trips = qtest.round_trips
+        assert qtest.batched(lambda: [driver.status] + [driver.config_read(o, 4) for o in range(0, 16, 4)]) == single
+        assert single[1 + ConfigField.POISON_VAL // 4] == 0x12345678
+        with qtest.snapshot([(0x900000, 256), (0x900400, 8)]):
+            assert qtest.read(0x900010, 16) == bytes(range(16, 32)) and qtest.read(0x900400, 8) == bytes(8)
+        assert qtest.round_trips == trips + 2
+        assert qtest.read(0x900010, 16) == bytes(range(16, 32))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vballoon.errors import DecodeError
 from vballoon.fuzz.format import MAX_OPERATIONS, VERSION, ScenarioState, decode, encode, load
-from vballoon.fuzz.reference_run import run_reference
+from vballoon.fuzz.reference_run import ReferenceTemplates, run_reference
 from vballoon.fuzz.targets import TARGETS
 from vballoon.matrix import Variant
 from vballoon.reference.device import INFLATEQ, STATSQ
@@ -72,3 +72,14 @@ def test_strict_loading_names_the_file_and_the_problem(tmp_path: Path, data: byt
     message = str(error.value)
     assert message.startswith(f"{path}: not a replayable vballoon fuzz input: ") and problem in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_a_run_from_a_setup_template_ends_as_a_fresh_run(name: str) -> None:
+    """Templates (pickled after a setup, reused from its second sighting on) change nothing a run observes."""
+    seeds = Path(__file__).resolve().parents[1] / "fuzz" / "corpora" / name
+    scenarios = [TARGETS[name].scenario_for(seed.read_bytes()) for seed in sorted(seeds.iterdir())]
+    templates = ReferenceTemplates()
+    for scenario in scenarios * 3:
+        fresh = run_reference(scenario, ReferenceTemplates(capacity=0)).observe((None, None))
+        assert run_reference(scenario, templates).observe((None, None)) == fresh, scenario

@@ -182,8 +182,6 @@ class QemuDifferential:
     def _restore_device(self, transport: QemuTransport) -> None:
         """Bring the long-lived QEMU back to what a fresh one shows (see the module docstring)."""
         machine, driver = transport.machine, transport.balloon.driver
-        if "running" in self._restore:
-            machine.qmp.command("cont")
         if "polling" in self._restore:
             machine.qmp.command("qom-set", path=machine.balloon_qom_path(), property="guest-stats-polling-interval",
                                 value=0)
@@ -197,6 +195,8 @@ class QemuDifferential:
                 driver.config_write(ConfigField.ACTUAL, 4, 0)
             # A read makes QEMU rebuild its config image; writes apply the whole stale image otherwise.
             driver.config_read(ConfigField.NUM_PAGES, 4)
+        if "running" in self._restore:  # after the reset: hint buffers held while stopped are gone, not used late
+            machine.qmp.command("cont")
         if "stats" in self._restore:
             self._prime_stats_on_qemu(transport)
             self._stats_primed = True
