@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""libFuzzer entry point of the 'qemu_differential' target (see vballoon.fuzz.targets): python fuzz/fuzz_qemu_differential.py [libFuzzer options] [CORPUS_DIR...]"""
+"""libFuzzer entry point of the 'qemu_differential' target (see vballoon.fuzz.targets):
+
+    python fuzz/fuzz_qemu_differential.py [libFuzzer options] [CORPUS_DIR...]
+"""
 
 from vballoon.fuzz.harness import main
 

@@ -65,9 +65,11 @@ def _scenario_seeds() -> dict[str, tuple[Operation, ...]]:
         "hint-short-command-id-while-stopped": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0")),
         "fill-stop-cont-reset": (FillPage(POOL_PFNS[7], 0xEE), negotiate, Stop(), Cont(), Reset(), negotiate),
         # QEMU < 4.1 sign-extended PFNs with bit 31 set.
-        "historical-pfn-bit31-sign-extension": (negotiate, AddBuffer(INFLATEQ, encode_pfns([0x80000000 | POOL_PFNS[0]]))),
+        "historical-pfn-bit31-sign-extension": (negotiate,
+                                                AddBuffer(INFLATEQ, encode_pfns([0x80000000 | POOL_PFNS[0]]))),
         # QEMU 9.2-rc aborted in qom-get guest-stats once tags 10-15 had been named (NULL names).
-        "historical-stats-tags-10-15-qom-get": (negotiate, AddBuffer(STATSQ, encode_stats([(t, 1) for t in range(10, 16)])),
+        "historical-stats-tags-10-15-qom-get": (negotiate,
+                                                AddBuffer(STATSQ, encode_stats([(t, 1) for t in range(10, 16)])),
                                                 SetPollingInterval(3600)),
     }
 
@@ -99,7 +101,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "hint": {f"cmd-id-{i:#x}": dev + b"\1" + encode_cmd_id(i) for i in (CMD_ID_STOP, CMD_ID_DONE, CMD_ID_MIN,
                                                                              CMD_ID_FIRST)}
         | {"short-cmd-id": dev + b"\0" + b"\1\0\0", "pages-only": dev + b"\x0f"},
-        "report": {"with-poison": dev + b"\x1f" + b"\x77" * 4 + b"\x77", "without-poison": dev + b"\x0f" + bytes(4) + b"\x33",
+        "report": {"with-poison": dev + b"\x1f" + b"\x77" * 4 + b"\x77",
+                   "without-poison": dev + b"\x0f" + bytes(4) + b"\x33",
                    "poison-mismatch": dev + b"\x13" + b"\xaa" * 4 + b"\x55"},
         "config": {"reads": dev + bytes(b for w, code in ((1, 0x03), (2, 0x13), (4, 0x23)) for o in range(0, 20, w)
                                         for b in (code, o)),
