@@ -27,7 +27,8 @@ an entry of `INTERESTING_PFNS`.
 `decode(data)` turns ANY byte string into a scenario both transports can run (so every libFuzzer mutation
 means something): unknown versions and codes wrap around, missing bytes read as zero, and operations the
 transports cannot run are dropped (a buffer or a config write before Negotiate, a queue whose feature is
-not negotiated, more descriptors than a queue holds, device-writable pages outside RAM) and config accesses are aligned to their width. `load(path)` is the strict reader for saved files:
+not negotiated, more descriptors than a queue holds, device-writable pages outside RAM) and config accesses
+are aligned to their width. `load(path)` is the strict reader for saved files:
 a file of a newer version, with reserved bits set or truncated in an operation is refused with one line
 naming the file. `encode` writes the canonical form: `decode(encode(s)) == s` for every decoded `s`.
 """
