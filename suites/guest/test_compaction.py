@@ -1,0 +1,143 @@
+"""Balloon page compaction (Linux BALLOON_COMPACTION) and huge pages after a deflate.
+
+Compaction migrates balloon pages like any movable page: the driver tells the
+host about the new page on the inflate queue and the old one on the deflate
+queue (virtballoon_migratepage), and the balloon's size does not change.
+
+Variants: the baseline only (pci-modern, anonymous RAM, plain boot).
+Compaction is the guest's mm code calling the driver's migratepage; the
+device features, the ring layout and the transport only carry the same two
+single-PFN messages that the inflate/deflate suites already cover on every
+variant, and the host RSS check needs 4 KiB host pages (anonymous RAM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from fixtures.variant_gates import skip_unless_baseline
+from vballoon.guest.health import log_since
+from vballoon.guest.host_memory import qemu_memory_bytes
+from vballoon.guest.memhog import start_hog
+from vballoon.guest.pfn_trace import TRACE_EVENTS, PfnMessage, inflate_queue, pfn_messages, replay
+from vballoon.guest.procfs import read_guest_memory
+from vballoon.guest.target import MIB, set_target
+from vballoon.matrix import Variant
+from vballoon.qemu.hmp import trace_events_on
+from vballoon.qemu.machine import Machine
+from vballoon.waiting import wait_for
+
+FILES_DIR = "/dev/shm/compaction"
+FILE_PAIRS = 100  # 1 MiB files a1 b1 a2 b2 ...: 200 MiB of interleaved shmem (tmpfs holds half of RAM)
+TRACE_DEADLINE_S = 10.0
+# QEMU RSS after compaction versus before. Measured +0 and +2 MiB (2 runs, TCG, 2 busy cores) with 1716 and
+# 197 balloon pages moved; the 256 MiB balloon growing back would show as far more than 8 MiB.
+RSS_GROWTH_TOLERANCE = 8 * MIB
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+THP_HOG_MIB = 128
+# AnonHugePages of a 128 MiB hog after a 3/4-of-RAM balloon was deflated and memory compacted.
+# Measured 124-126 MiB (3 runs); half of it leaves room for pageblocks the SSH session holds.
+THP_MIN_FRACTION = 0.5
+
+
+@pytest.fixture
+def baseline(variant: Variant) -> Variant:
+    skip_unless_baseline(variant, "compaction is mm code calling the driver's migratepage, the same on every "
+                                  "device configuration")
+    return variant
+
+
+def fragment(vm: Machine) -> None:
+    """Interleave 1 MiB tmpfs files a_i and b_i, then delete every b_i: holes between pattern pages."""
+    vm.ssh.run(f"mkdir -p {FILES_DIR} && cd {FILES_DIR} && for i in $(seq {FILE_PAIRS}); do "
+               "memhog fill --mib 1 --seed $i --file a$i >/dev/null && "
+               "memhog fill --mib 1 --seed $i --file b$i >/dev/null || exit 1; done; rm b*", timeout=300)
+
+
+@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OP-4", "BAL-DRV-OP-6", "BAL-DRV-ACT-1")
+def test_compaction_moves_balloon_pages_and_tells_the_host(baseline: Variant, shared_vm: Machine) -> None:
+    """compact_memory migrates balloon pages: balloon_migrate rises, actual and the inflate/deflate counters stay,
+    QEMU sees one inflate of a new page and one deflate of a ballooned page per move, its RSS does not grow back,
+    and the pattern pages compaction moved around verify."""
+    vm, ram = shared_vm, shared_vm.memory_mib * MIB
+    fragment(vm)
+    target = ram // 2
+    with trace_events_on(vm, *TRACE_EVENTS) as start:
+        set_target(vm, target)
+        inflated = pfn_messages(log_since(vm.logs.stderr, start))
+        expected_pages = (ram - target) // 4096
+        assert len(inflated) == expected_pages, (
+            f"BAL-DRV-OP-1: expected QEMU to receive {expected_pages} inflate PFNs, got {len(inflated)}")
+        inflate = inflate_queue(inflated)
+        balloon = {m.gpa for m in inflated}
+        vm.ssh.run(f"cd {FILES_DIR} && for i in $(seq 1 2 {FILE_PAIRS}); do rm a$i; done")
+        before, rss_before = read_guest_memory(vm.ssh), qemu_memory_bytes(vm.pid)
+        compaction_start = vm.logs.stderr.stat().st_size
+        vm.ssh.run("echo 1 > /proc/sys/vm/compact_memory", timeout=300)
+        after = read_guest_memory(vm.ssh)
+        migrated = after.vmstat["balloon_migrate"] - before.vmstat["balloon_migrate"]
+        assert migrated > 0, ("BAL-DRV-OP-4: expected compaction to migrate balloon pages (vmstat balloon_migrate "
+                              f"to rise), got {before.vmstat['balloon_migrate']} -> {after.vmstat['balloon_migrate']}")
+
+        def traced_moves() -> list[PfnMessage] | None:
+            messages = pfn_messages(log_since(vm.logs.stderr, compaction_start))
+            return messages if len(messages) >= 2 * migrated else None
+
+        moves = wait_for(traced_moves, TRACE_DEADLINE_S, f"QEMU to trace {2 * migrated} PFNs for {migrated} "
+                                                         "migrated pages")
+    print(f"compaction migrated {migrated} balloon pages; QEMU saw {len(moves)} PFNs")
+    counts = (sum(m.queue == inflate for m in moves), sum(m.queue != inflate for m in moves))
+    assert counts == (migrated, migrated), (
+        f"BAL-DRV-OP-1/BAL-DRV-OP-4: {migrated} pages migrated: expected as many inflate and deflate PFNs at QEMU, "
+        f"got {counts[0]} inflate and {counts[1]} deflate")
+    problems = replay(balloon, moves, inflate)
+    assert not problems and len(balloon) == expected_pages, (
+        f"BAL-DRV-OP-4/BAL-DRV-OP-7: expected each move to inflate a page outside the balloon and deflate one in "
+        f"it, leaving {expected_pages} pages, got {len(balloon)} pages and {problems[:5]}")
+    actual = vm.query_balloon_bytes()
+    assert actual == target, f"BAL-DRV-ACT-1: expected actual {target} after compaction, got {actual}"
+    counters = {k: after.vmstat[k] - before.vmstat[k] for k in ("balloon_inflate", "balloon_deflate")}
+    assert counters == {"balloon_inflate": 0, "balloon_deflate": 0}, (
+        f"BAL-DRV-ACT-1: expected compaction to leave the balloon's size counters alone, got changes {counters}")
+    rss_after = qemu_memory_bytes(vm.pid)
+    assert rss_after <= rss_before + RSS_GROWTH_TOLERANCE, (
+        f"BAL-DRV-OP-1: expected QEMU RSS to stay within {RSS_GROWTH_TOLERANCE // MIB} MiB of {rss_before} after "
+        f"compaction, got {rss_after}")
+    verdicts = vm.ssh.output(f"cd {FILES_DIR} && for i in $(seq 2 2 {FILE_PAIRS}); do "
+                             "memhog verify --mib 1 --seed $i --file a$i; done", timeout=300).splitlines()
+    bad = [line for line in verdicts if not line.endswith(" ok")]
+    assert len(verdicts) == FILE_PAIRS // 2 and not bad, (
+        f"BAL-DRV-OP-6: expected {FILE_PAIRS // 2} patterns moved by compaction to verify, got {bad[:3]}")
+
+
+@pytest.fixture
+def guest_thp(baseline: Variant, shared_vm: Machine) -> Iterator[Machine]:
+    """THP set to always (with direct compaction) for the test, put back after; skips without THP."""
+    vm = shared_vm
+    if vm.ssh.run(f"test -d {THP_DIR} && test -e /proc/sys/vm/compact_memory", check=False).status != 0:
+        pytest.skip(f"the guest kernel has no transparent huge pages ({THP_DIR}) or no compaction")
+    saved = {name: vm.ssh.output(f"cat {THP_DIR}/{name}").split("[")[1].split("]")[0]
+             for name in ("enabled", "defrag")}
+    vm.ssh.run(f"echo always > {THP_DIR}/enabled && echo always > {THP_DIR}/defrag")
+    yield vm
+    vm.ssh.run(" && ".join(f"echo {value} > {THP_DIR}/{name}" for name, value in saved.items()))
+
+
+@pytest.mark.req("BAL-DRV-OP-2", "BAL-DRV-OP-5")
+def test_huge_pages_form_again_after_deflate(guest_thp: Machine) -> None:
+    """After a balloon of 3/4 of RAM is deflated, the guest can back a new anonymous mapping with huge pages."""
+    vm, ram = guest_thp, guest_thp.memory_mib * MIB
+    set_target(vm, ram // 4)
+    set_target(vm, ram)
+    vm.ssh.run("echo 1 > /proc/sys/vm/compact_memory", timeout=300)
+    hog = start_hog(vm.ssh, f"fill --mib {THP_HOG_MIB} --hold-forever", "thp")
+    hog.wait_line(rf"memhog: holding {THP_HOG_MIB} MiB", 120)
+    huge = read_guest_memory(vm.ssh).mem("AnonHugePages")
+    hog.stop()
+    print(f"AnonHugePages of a {THP_HOG_MIB} MiB hog after deflate: {huge // MIB} MiB")
+    wanted = int(THP_MIN_FRACTION * THP_HOG_MIB * MIB)
+    assert huge >= wanted, (
+        f"BAL-DRV-OP-2: after deflating, expected at least {wanted // MIB} MiB of the {THP_HOG_MIB} MiB hog in huge "
+        f"pages (AnonHugePages), got {huge // MIB} MiB")
