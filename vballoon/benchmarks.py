@@ -220,3 +220,50 @@ def run_qtest_benchmark(qemu: str | None, operations: int, device_tests: int, ou
           f"{rates['pipelined_writel_per_s']}/s, 4 KiB reads {rates['page_reads_per_s']}/s, device test median "
           f"{result['device_test_median_s']} s -> {out}")
     return result
+
+
+
+def run_balloon_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None,
+                          variant_name: str, sizes_mib: tuple[int, ...], repeats: int, out: Path) -> dict[str, object]:
+    """Inflate and deflate by each size `repeats` times in one guest; MiB/s and p50/p95 latency per size.
+
+    Latency runs from QEMU receiving QMP `balloon` to the driver writing the target into `actual`, on QEMU's
+    trace clock (vballoon.guest.response_time).
+    """
+    from vballoon.guest.response_time import RESPONSE_TRACE_EVENTS, TIMESTAMPED_TRACE_ARGS, percentile, timed_resize
+
+    session = Session.from_options(qemu, accel, kernel, modules)
+    variant = Variant.from_name(variant_name)
+    image = session.image_for(variant)
+    choice = session.accel(image)
+    per_size: dict[str, object] = {}
+    ram_mib = 0
+    with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as logs:
+        with Machine(variant, image, session.qemu, choice.accel, Path(logs), trace_events=RESPONSE_TRACE_EVENTS,
+                     extra_args=TIMESTAMPED_TRACE_ARGS) as machine:
+            ram_mib = machine.memory_mib
+            ram = ram_mib << 20
+            for size in sizes_mib:
+                timings: dict[str, list[float]] = {"inflate": [], "deflate": []}
+                for _ in range(repeats):
+                    timings["inflate"].append(timed_resize(machine, ram - (size << 20)))
+                    timings["deflate"].append(timed_resize(machine, ram))
+                entry: dict[str, object] = {}
+                for direction, seconds in timings.items():
+                    p50 = percentile(seconds, 0.5)
+                    entry[direction] = {"seconds": [round(s, 4) for s in seconds], "p50_s": round(p50, 4),
+                                        "p95_s": round(percentile(seconds, 0.95), 4),
+                                        "mib_per_s_at_p50": round(size / p50, 1)}
+                per_size[f"{size}MiB"] = entry
+                print(f"{size} MiB: inflate p50 {entry['inflate']['p50_s']} s "  # type: ignore[index]
+                      f"({entry['inflate']['mib_per_s_at_p50']} MiB/s), deflate p50 "  # type: ignore[index]
+                      f"{entry['deflate']['p50_s']} s ({entry['deflate']['mib_per_s_at_p50']} MiB/s)")  # type: ignore[index]
+    result: dict[str, object] = {
+        "benchmark": "balloon-response", "qemu": session.qemu.version_text, "kernel": image.kernel_version,
+        "accelerator": choice.accel, "variant": variant.name, "guest_ram_mib": ram_mib, "repeats": repeats,
+        "sizes": per_size,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}")
+    return result

@@ -117,6 +117,14 @@ def _cmd_bench_fuzz(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_bench_balloon(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.benchmarks import run_balloon_benchmark
+
+    run_balloon_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.variant, tuple(args.sizes),
+                          args.repeats, Path(args.out))
+    return 0
+
+
 def _cmd_bench_qtest(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.benchmarks import run_qtest_benchmark
 
@@ -154,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--boots", type=int, default=5)
     boot.add_argument("--out", default="reports/bench-boot.json")
     boot.set_defaults(handler=_cmd_bench_boot)
+    balloon = bench.add_parser("balloon", help="inflate/deflate MiB/s and p50/p95 latency from QMP balloon to "
+                                               "actual, written to reports/bench-balloon.json")
+    _add_target_options(balloon)
+    balloon.add_argument("--variant", default="pci-modern")
+    balloon.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256], metavar="MIB")
+    balloon.add_argument("--repeats", type=int, default=10)
+    balloon.add_argument("--out", default="reports/bench-balloon.json")
+    balloon.set_defaults(handler=_cmd_bench_balloon)
     qtest = bench.add_parser("qtest", help="qtest transport operations per second, written to reports/bench-qtest.json")
     qtest.add_argument("--qemu", help="qemu-system-x86_64 to test (default: the one on PATH)")
     qtest.add_argument("--operations", type=int, default=5000)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fixtures.variant_gates import skip_unless_baseline
+from fixtures.variant_gates import baseline_only
 from vballoon.guest.health import log_since
 from vballoon.guest.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import start_hog
@@ -42,11 +42,8 @@ THP_HOG_MIB = 128
 THP_MIN_FRACTION = 0.5
 
 
-@pytest.fixture
-def baseline(variant: Variant) -> Variant:
-    skip_unless_baseline(variant, "compaction is mm code calling the driver's migratepage, the same on every "
+baseline = baseline_only("compaction is mm code calling the driver's migratepage, the same on every "
                                   "device configuration")
-    return variant
 
 
 def fragment(vm: Machine) -> None:
