@@ -16,12 +16,11 @@ memory, and the quick tier has anonymous RAM only. Each backend boots its own gu
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from fixtures.guest_vm import GuestPool, log_dir_for, skip_if_unsupported
+from fixtures.guest_vm import GuestPool, guest_of_its_own
 from vballoon.guest.health import log_since
 from vballoon.guest.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog
@@ -48,19 +47,8 @@ REFILL_MIB = 200  # tmpfs holds half of the 512 MiB guest
 @pytest.fixture(params=BACKENDS)
 def backend_vm(request: pytest.FixtureRequest, session: Session, guest_pool: GuestPool) -> Iterator[Machine]:
     """A pci-modern guest on the parametrised RAM backend, for this test alone."""
-    variant = Variant(backend=request.param)
-    skip_if_unsupported(variant)
-    image = session.image_for(variant)
-    guest_pool.retire()
-    log_dir = log_dir_for(request.node, session.reports)
-    request.node.vballoon_log_dirs = [log_dir]
-    request.node.user_properties += [("variant", variant.name), ("qemu_version", session.qemu.version_text)]
-    with Machine(variant, image, session.qemu, session.accel(image).accel, log_dir) as machine:
+    with guest_of_its_own(request, session, guest_pool, Variant(backend=request.param)) as machine:
         yield machine
-        machine.assert_healthy()
-    if not any(getattr(request.node, f"rep_{p}", None) and getattr(request.node, f"rep_{p}").failed
-               for p in ("setup", "call")):
-        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def guest_words(vm: Machine, gpa: int) -> tuple[int, int]:

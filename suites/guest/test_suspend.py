@@ -17,14 +17,12 @@ guest of their own (one at a time: the variant's shared guest is stopped first).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from fixtures.guest_vm import GuestPool, log_dir_for, skip_if_unsupported
+from fixtures.guest_vm import GuestPool, guest_of_its_own
 from vballoon.guest.health import kernel_trouble
-from vballoon.guest.image import GuestImage
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.stats import read_stats, set_polling_interval, wait_report_after
 from vballoon.guest.target import MIB, PAGE, set_target
@@ -45,21 +43,11 @@ UNBOUND_STATUS = ("VIRTIO_CONFIG_S_ACKNOWLEDGE",)
 
 
 @pytest.fixture
-def s3_vm(request: pytest.FixtureRequest, session: Session, guest_pool: GuestPool, variant: Variant,
-          guest_image: GuestImage) -> Iterator[Machine]:
+def s3_vm(request: pytest.FixtureRequest, session: Session, guest_pool: GuestPool,
+          variant: Variant) -> Iterator[Machine]:
     """A guest of the variant whose firmware offers S3, for this test alone; its logs kept when it fails."""
-    skip_if_unsupported(variant)
-    guest_pool.retire()
-    log_dir = log_dir_for(request.node, session.reports)
-    request.node.vballoon_log_dirs = [log_dir]
-    request.node.user_properties += [("variant", variant.name), ("qemu_version", session.qemu.version_text)]
-    with Machine(variant, guest_image, session.qemu, session.accel(guest_image).accel, log_dir,
-                 extra_args=S3_ENABLED) as machine:
+    with guest_of_its_own(request, session, guest_pool, variant, extra_args=S3_ENABLED) as machine:
         yield machine
-        machine.assert_healthy()
-    if not any(getattr(request.node, f"rep_{p}", None) and getattr(request.node, f"rep_{p}").failed
-               for p in ("setup", "call")):
-        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def offered_sleep_state(vm: Machine, state: str) -> None:
