@@ -73,15 +73,41 @@ def run_boot_benchmark(qemu: str | None, accel: str, kernel: str | None, modules
 MATRIX_TARGETS_S = {"quick": 180.0, "standard": 900.0}  # issue targets for suites/guest under TCG
 
 
-def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None, tiers: list[str],
-                         out: Path, suites: str = "suites/guest") -> dict[str, object]:
-    """Run the guest suites over each tier; record wall time and per-variant cost (boot + tests) from JUnit."""
-    import re
-    import subprocess
-    import sys
+def junit_matrix_summary(junit: Path) -> tuple[dict[str, int], dict[str, float]]:
+    """Outcome counts and seconds per variant (setup, call and teardown: boot included) from a JUnit file."""
     import xml.etree.ElementTree as ElementTree
 
-    result: dict[str, object] = {"benchmark": "guest-matrix", "suites": suites, "accelerator": accel, "tiers": {}}
+    per_variant: dict[str, float] = {}
+    outcomes = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        variant = next((prop.get("value") for prop in case.iter("property") if prop.get("name") == "variant"), None)
+        if variant:
+            per_variant[variant] = round(per_variant.get(variant, 0.0) + float(case.get("time", 0)), 2)
+        kinds = {child.tag for child in case}
+        skipped = case.find("skipped")
+        if "failure" in kinds or "error" in kinds:
+            outcomes["failed"] += 1
+        elif skipped is not None and skipped.get("type") == "pytest.xfail":
+            outcomes["xfailed"] += 1
+        elif skipped is not None:
+            outcomes["skipped"] += 1
+        else:
+            outcomes["passed"] += 1
+    return outcomes, per_variant
+
+
+def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None, tiers: list[str],
+                         out: Path, suites: str = "suites/guest") -> dict[str, object]:
+    """Run the guest suites over each tier; record wall time and per-variant cost (boot + tests) from JUnit.
+
+    Tiers not run this time keep their earlier entry in `out`.
+    """
+    import subprocess
+    import sys
+
+    result: dict[str, object] = json.loads(out.read_text()) if out.exists() else {}
+    result.update({"benchmark": "guest-matrix", "suites": suites, "accelerator": accel})
+    recorded: dict[str, object] = dict(result.get("tiers", {}))  # type: ignore[call-overload]
     for tier_name in tiers:
         junit = out.parent / f"bench-matrix-{tier_name}.xml"
         args = [sys.executable, "-m", "pytest", suites, "-q", "-p", "no:cacheprovider", f"--matrix={tier_name}",
@@ -91,28 +117,14 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         started = time.monotonic()
         completed = subprocess.run(args)
         wall = time.monotonic() - started
-        per_variant: dict[str, float] = {}
-        outcomes = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
-        for case in ElementTree.parse(junit).getroot().iter("testcase"):
-            match = re.search(r"\[(.+)\]$", case.get("name", ""))
-            if match:
-                per_variant[match[1]] = round(per_variant.get(match[1], 0.0) + float(case.get("time", 0)), 2)
-            kinds = {child.tag for child in case}
-            skipped = case.find("skipped")
-            if "failure" in kinds or "error" in kinds:
-                outcomes["failed"] += 1
-            elif skipped is not None and skipped.get("type") == "pytest.xfail":
-                outcomes["xfailed"] += 1
-            elif skipped is not None:
-                outcomes["skipped"] += 1
-            else:
-                outcomes["passed"] += 1
-        result["tiers"][tier_name] = {  # type: ignore[index]
-            "wall_s": round(wall, 1), "target_s": MATRIX_TARGETS_S.get(tier_name),
-            "meets_target": wall <= MATRIX_TARGETS_S.get(tier_name, float("inf")),
+        outcomes, per_variant = junit_matrix_summary(junit)
+        target = MATRIX_TARGETS_S.get(tier_name)
+        recorded[tier_name] = {
+            "wall_s": round(wall, 1), "target_s": target, "meets_target": target is None or wall <= target,
             "pytest_exit": completed.returncode, "outcomes": outcomes, "per_variant_s": per_variant,
         }
-        print(f"{tier_name}: {wall:.0f} s wall (target {MATRIX_TARGETS_S.get(tier_name)} s), {outcomes}")
+        print(f"{tier_name}: {wall:.0f} s wall (target {target} s), {outcomes}")
+    result["tiers"] = recorded
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -129,13 +129,13 @@ def test_resizes_while_memhog_holds_a_pattern(shared_vm: Machine) -> None:
 
 
 @pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OOM-2")
-def test_target_below_what_the_guest_can_give(with_deflate_on_oom: Variant, fresh_vm: Machine) -> None:
+def test_target_below_what_the_guest_can_give(with_deflate_on_oom: Variant, shared_vm: Machine) -> None:
     """Asking for nearly all guest RAM: with DEFLATE_ON_OOM the guest gives what it can and keeps answering SSH.
 
     Without DEFLATE_ON_OOM the balloon must hold its pages (BAL-DRV-OOM-1): Linux 6.1 then inflates until the
     OOM killer has no victim left and panics "System is deadlocked on memory", so those variants skip.
     """
-    vm, ram = fresh_vm, ram_bytes(fresh_vm)
+    vm, ram = shared_vm, ram_bytes(shared_vm)
     vm.qmp.command("balloon", value=MIB)
     held = ram - wait_actual_settles(vm, quiet_s=3.0, timeout=180)
     assert held > ram // 2, f"BAL-DRV-OP-1: target 1 MiB: expected the guest to give most of its RAM, got {held}"
