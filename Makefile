@@ -6,6 +6,8 @@ MATRIX ?= standard
 # 2 MiB huge pages to reserve for the +hugetlb variants (0: leave the host
 # alone and let those variants skip). Needs root; see `make hugepages`.
 HUGEPAGES ?= 0
+# Parallel pytest workers for `make conformance` (each runs one TCG guest at a time).
+JOBS ?= 2
 PYTHON ?= python3
 PYTEST_ARGS ?=
 APT_PACKAGES := qemu-system-x86 qemu-utils cpio kmod gcc libc6-dev
@@ -38,7 +40,7 @@ test: deps
 	$(TOX) -e py -- $(PYTEST_ARGS)
 
 conformance: deps hugepages
-	$(TOX) -e conformance -- --matrix $(MATRIX) $(PYTEST_ARGS)
+	VBALLOON_JOBS=$(JOBS) $(TOX) -e conformance -- --matrix $(MATRIX) $(PYTEST_ARGS)
 
 hugepages:
 	@if [ "$(HUGEPAGES)" -gt 0 ]; then \

@@ -39,7 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "req(*ids): the spec requirement IDs a test checks")
-    config.addinivalue_line("markers", "guest: the test boots a QEMU guest")
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist keeps on one worker")
     # Ctrl-C and SIGTERM both unwind through fixture teardown, so QEMU is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 

@@ -7,6 +7,7 @@ build each guest image once per run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,12 @@ class Session:
                      reports: Path = REPORTS) -> "Session":
         return cls(QemuBinary.find(qemu), accel, Path(kernel) if kernel else None,
                    Path(modules) if modules else None, reports)
+
+    @property
+    def worker_tag(self) -> str:
+        """'-gw0', '-gw1', ... under pytest-xdist, else '': keeps per-worker log folders apart."""
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        return f"-{worker}" if worker else ""
 
     def image_for(self, variant: Variant) -> GuestImage:
         """The guest image for a variant: the user's kernel if given, else the variant's Debian kernel."""

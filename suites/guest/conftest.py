@@ -34,6 +34,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return order[variant_of(item) or ""], "fresh_vm" in getattr(item, "fixturenames", ())
 
     guest_items = sorted((i for i in items if variant_of(i) is not None), key=key)
+    for item in guest_items:
+        # With pytest-xdist's --dist loadgroup, a variant's tests stay on one worker, in this order.
+        item.add_marker(pytest.mark.xdist_group(variant_of(item)))
     others = [i for i in items if variant_of(i) is None]
     items[:] = others + guest_items
 

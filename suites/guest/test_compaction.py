@@ -27,7 +27,7 @@ from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import Variant
 from vballoon.qemu.hmp import trace_events_on
 from vballoon.qemu.machine import Machine
-from vballoon.waiting import wait_for
+from vballoon.waiting import DeadlineExceeded, wait_for
 
 FILES_DIR = "/dev/shm/compaction"
 FILE_PAIRS = 100  # 1 MiB files a1 b1 a2 b2 ...: 200 MiB of interleaved shmem (tmpfs holds half of RAM)
@@ -63,8 +63,17 @@ def test_compaction_moves_balloon_pages_and_tells_the_host(baseline: Variant, sh
     target = ram // 2
     with trace_events_on(vm, *TRACE_EVENTS) as start:
         set_target(vm, target)
-        inflated = pfn_messages(log_since(vm.logs.stderr, start))
         expected_pages = (ram - target) // 4096
+
+        def traced_inflate() -> list[PfnMessage] | None:
+            messages = pfn_messages(log_since(vm.logs.stderr, start))
+            return messages if len(messages) >= expected_pages else None
+
+        # QEMU's trace lines reach its stderr file after the guest has written actual: wait for them.
+        try:
+            inflated = wait_for(traced_inflate, TRACE_DEADLINE_S, f"QEMU to trace {expected_pages} inflate PFNs")
+        except DeadlineExceeded:
+            inflated = pfn_messages(log_since(vm.logs.stderr, start))
         assert len(inflated) == expected_pages, (
             f"BAL-DRV-OP-1: expected QEMU to receive {expected_pages} inflate PFNs, got {len(inflated)}")
         inflate = inflate_queue(inflated)
