@@ -22,12 +22,12 @@ from vballoon.session import Session
 
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
 INPUTS = crash_files(FUZZ / "crashes") + crash_files(FUZZ / "corpora")
-REQUIREMENTS = ("BAL-CFG-LEG-LE", "BAL-DRV-ACT-1", "BAL-DEV-LEG-ACT", "BAL-LEG-USED", "BAL-DEV-OP-1", "BAL-DEV-FPH-3",
-                "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-ST-1", "BAL-DEV-ST-2", "BAL-DEV-LEG-ST-FIRST",
-                "BAL-DEV-LEG-FEAT-1", "BAL-DEV-FPH-1")
 
 
-@pytest.mark.req(*REQUIREMENTS)
+
+@pytest.mark.req("BAL-CFG-LEG-LE", "BAL-DRV-ACT-1", "BAL-DEV-LEG-ACT", "BAL-LEG-USED", "BAL-DEV-OP-1", "BAL-DEV-FPH-3",
+                 "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-ST-1", "BAL-DEV-ST-2", "BAL-DEV-LEG-ST-FIRST",
+                 "BAL-DEV-LEG-FEAT-1", "BAL-DEV-FPH-1")
 @pytest.mark.parametrize("saved", INPUTS, ids=[str(p.relative_to(FUZZ)) for p in INPUTS])
 def test_saved_input_conforms(session: Session, saved: Path) -> None:
     """QEMU's observations of a saved input stay within the reference's allowed outcomes."""
