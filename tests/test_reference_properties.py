@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from vballoon.reference import BalloonDevice, DeviceProperties, FreePageHinting, PageOutcome, poison_page
+from vballoon.reference import BalloonDevice, DeviceProperties, FreePageHinting, PageOutcome
 from vballoon.reference.driver import ReferenceDriver
 from vballoon.reference.stats import StatsState
 from vballoon.spec import (

@@ -93,7 +93,7 @@ def differential_machine(session: Session, case: DeviceVariant,
                     poison_val=st.sampled_from((0, 0xAAAAAAAA)))
         def fill_pool(self, fills: list[int], poison_val: int) -> None:
             self.poison_val = poison_val
-            for pfn, byte in zip(POOL_PFNS, fills):
+            for pfn, byte in zip(POOL_PFNS, fills, strict=True):
                 self.apply(FillPage(pfn, byte))
 
         @rule(chosen=st.sets(st.sampled_from(offered_balloon_bits)))
