@@ -1,0 +1,1 @@
+"""The conformance suites: what users run against their QEMU and kernel."""

@@ -1,0 +1,1 @@
+"""Device suite: QEMU's balloon driven over qtest by vballoon's own driver."""

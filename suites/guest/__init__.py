@@ -1,0 +1,1 @@
+"""Guest suites: the Linux driver in a real guest, per variant."""

@@ -1,0 +1,1 @@
+"""Migration suites: a running guest moved between two QEMUs."""
