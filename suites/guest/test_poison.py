@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from vballoon.guest.driver import first_driver_ok, poison_val_written, trace_probe_writes
+from vballoon.guest.driver import LINUX_PAGE_POISON_VAL, first_driver_ok, poison_val_written, trace_probe_writes
 from vballoon.guest.memhog import run_hog
 from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import F_PAGE_POISON, Variant
 from vballoon.qemu.machine import Machine
 
-POISON_BYTE = 0xAA  # Linux PAGE_POISON
 PATTERN = "--mib 64 --seed 23 --file /dev/shm/poison"
 CYCLES = 3
 
@@ -29,7 +28,7 @@ def test_poison_val_written_before_driver_ok(poison_variant: Variant, shared_vm:
     variant = poison_variant
     writes = trace_probe_writes(shared_vm)
     value, index = poison_val_written(writes)
-    expected = 0 if variant.guest_boot == "iof" else int.from_bytes(bytes([POISON_BYTE] * 4), "little")
+    expected = 0 if variant.guest_boot == "iof" else LINUX_PAGE_POISON_VAL
     assert value == expected, (
         f"BAL-DRV-PP-2: guest boot {variant.guest_boot}: expected poison_val {expected:#x} written, got "
         f"{'no complete write' if value is None else hex(value)} (writes seen: {writes[:12]})")

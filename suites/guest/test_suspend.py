@@ -22,14 +22,18 @@ from collections.abc import Iterator
 import pytest
 
 from fixtures.guest_vm import GuestPool, guest_of_its_own
+from fixtures.qtest_device import expect_conformance
+from vballoon.guest.driver import LINUX_PAGE_POISON_VAL
 from vballoon.guest.health import kernel_trouble
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.stats import read_stats, set_polling_interval, wait_report_after
 from vballoon.guest.target import MIB, PAGE, set_target
-from vballoon.matrix import F_DEFLATE_ON_OOM, Variant
+from vballoon.matrix import F_DEFLATE_ON_OOM, F_PAGE_POISON, Variant
 from vballoon.qemu.machine import Machine
+from vballoon.qemu.migration import balloon_config_u32
 from vballoon.qemu.virtio_status import parse_status
 from vballoon.session import Session
+from vballoon.spec import ConfigField
 from vballoon.waiting import wait_for
 
 S3_ENABLED = ("-global", "ICH9-LPC.disable_s3=0")
@@ -80,9 +84,10 @@ def suspend_to_idle(vm: Machine) -> None:
                "status=$?; echo none > /sys/power/pm_test; exit $status", timeout=SUSPEND_DEADLINE_S)
 
 
-@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OP-2", "BAL-DRV-OP-4", "BAL-DRV-ACT-1", "BAL-DRV-ST-2", "BAL-DRV-ST-3")
+@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OP-2", "BAL-DRV-OP-4", "BAL-DRV-ACT-1", "BAL-DRV-ST-2", "BAL-DRV-ST-3",
+                 "BAL-DRV-PP-2")
 @pytest.mark.parametrize("state", ["mem", "freeze"])
-def test_balloon_survives_suspend_and_resume(s3_vm: Machine, state: str) -> None:
+def test_balloon_survives_suspend_and_resume(s3_vm: Machine, state: str, session: Session) -> None:
     """After a system sleep the balloon has its old size (the driver gave its pages back and took them again),
     stats keep flowing, inflate and deflate work, and the kernel logged no WARNING."""
     vm, ram = s3_vm, s3_vm.memory_mib * MIB
@@ -104,10 +109,24 @@ def test_balloon_survives_suspend_and_resume(s3_vm: Machine, state: str) -> None
         f"{pages}-page balloon, got vmstat changes {moved}")
     report = wait_report_after(vm, last_update, STATS_DEADLINE_S, f"a stats report after '{state}' (BAL-DRV-ST-3)")
     print(f"{state}: balloon back to {target} bytes; stats report at {report.last_update}")
+    check_poison_val_after_resume(vm, state, session)
     set_target(vm, ram // 2)
     set_target(vm, ram)
     trouble = kernel_trouble(vm.ssh.output("dmesg"))
     assert not trouble, f"guest dmesg after '{state}': expected no WARNING/BUG/Oops, got {trouble[:5]}"
+
+
+def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> None:
+    """BAL-DRV-PP-2: the sleep reset the device (QEMU's reset clears poison_val), so the driver must write
+    poison_val again before DRIVER_OK. Linux 6.1's virtballoon_restore does not; with page_poison=1 QEMU then
+    discards reported free pages the guest expects to hold 0xaa, and page poisoning reports corruption."""
+    if F_PAGE_POISON not in vm.variant.accepted_features():
+        return
+    expected = LINUX_PAGE_POISON_VAL if vm.variant.guest_boot == "pgpoison" else 0
+    got = balloon_config_u32(vm, ConfigField.POISON_VAL)
+    expect_conformance(got == expected, "BAL-DRV-PP-2", session.qemu,
+                       f"after '{state}' the device's poison_val is {got:#x}, expected {expected:#x}: the driver "
+                       "set DRIVER_OK again without writing poison_val")
 
 
 def driver_status(vm: Machine) -> tuple[str, ...]:

@@ -19,6 +19,8 @@ from vballoon.qemu.machine import Machine
 OPS_WRITE = re.compile(r"memory_region_ops_write cpu \d+ mr (?P<mr>0x[0-9a-f]+) addr (?P<addr>0x[0-9a-f]+) "
                        r"value (?P<value>0x[0-9a-f]+) size (?P<size>\d+) name '(?P<name>[^']*)'")
 POISON_VAL_OFFSET = 12
+# What Linux writes to poison_val with page_poison=1: PAGE_POISON (0xaa) in every byte (virtballoon_probe).
+LINUX_PAGE_POISON_VAL = 0xAAAAAAAA
 DRIVER_OK = 0x4
 MODERN_DEVICE_REGION = "virtio-pci-device-virtio-balloon"
 MODERN_COMMON_REGION = "virtio-pci-common-virtio-balloon"
