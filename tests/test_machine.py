@@ -55,6 +55,7 @@ def test_qemu_trouble_is_recognised(line: str) -> None:
 @pytest.mark.parametrize("line", [
     "qemu-system-x86_64: warning: host doesn't support requested feature",
     "qemu-system-x86_64: terminating on signal 15 from pid 4242",
+    "qemu-system-x86_64: Unable to write to socket: Broken pipe",  # a cancelled migration's closed stream
     "12345@1700000000.000001:virtio_balloon_handle_output section name: pc.ram gpa: 0x1000",
 ])
 def test_warnings_and_trace_lines_are_not_trouble(line: str) -> None:

@@ -37,7 +37,7 @@ GUEST_TROUBLE = re.compile(r"(Oops|BUG:|WARNING:|Call Trace|Kernel panic|general
 QEMU_TROUBLE = re.compile(
     r"(Assertion .* failed"
     r"|ERROR:.*assertion failed.*"
-    r"|^qemu-system-[^:]+: (?!warning:|terminating on signal).*$"
+    r"|^qemu-system-[^:]+: (?!warning:|terminating on signal|Unable to write to socket).*$"
     r"|Segmentation fault|Aborted)",
     re.MULTILINE,
 )
