@@ -42,16 +42,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist keeps on one worker")
     # Ctrl-C and SIGTERM both unwind through fixture teardown, so QEMU is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Resolved once here, so a bad --variant or --matrix is one line before collection, not a traceback.
+    names: list[str] = config.getoption("--variant")
+    try:
+        config.vballoon_variants = (  # type: ignore[attr-defined]
+            [Variant.from_name(n) for n in names] if names else list(tier(config.getoption("--matrix"))))
+    except VballoonError as error:
+        raise pytest.UsageError(str(error)) from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "variant" not in metafunc.fixturenames:
         return
-    names: list[str] = metafunc.config.getoption("--variant")
-    try:
-        variants = [Variant.from_name(n) for n in names] if names else list(tier(metafunc.config.getoption("--matrix")))
-    except VballoonError as error:
-        raise pytest.UsageError(str(error)) from None
+    variants: list[Variant] = metafunc.config.vballoon_variants  # type: ignore[attr-defined]
     metafunc.parametrize("variant", variants, ids=[v.name for v in variants], scope="function")
 
 

@@ -40,6 +40,8 @@ class Replay:
 
 def saved_input(path: Path) -> tuple[Scenario, Target]:
     """The scenario in `path` and the target that found it; DecodeError (one line naming the file) otherwise."""
+    if not path.is_file():
+        raise DecodeError(f"{path}: no such file; pass a file from fuzz/crashes/<target>/ or fuzz/corpora/<target>/")
     sidecar = read_sidecar(path)
     version = sidecar.get("format_version", VERSION)
     if not isinstance(version, int) or version > VERSION:
