@@ -39,7 +39,8 @@ def test_buffer_endian_is_little_for_modern_and_native_for_legacy():
 
 
 def test_status_bits():
-    got = [int(s) for s in spec.Status]
+    S = spec.Status
+    got = [S.ACKNOWLEDGE, S.DRIVER, S.DRIVER_OK, S.FEATURES_OK, S.DEVICE_NEEDS_RESET, S.FAILED]
     assert got == [1, 2, 4, 8, 0x40, 0x80], f"expected ACK,DRIVER,DRIVER_OK,FEATURES_OK,NEEDS_RESET,FAILED bits, got {got}"
 
 

@@ -97,8 +97,9 @@ def junit_matrix_summary(junit: Path) -> tuple[dict[str, int], dict[str, float]]
 
 
 def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None, tiers: list[str],
-                         out: Path, suites: str = "suites/guest") -> dict[str, object]:
-    """Run the guest suites over each tier; record wall time and per-variant cost (boot + tests) from JUnit.
+                         out: Path, jobs: int = 2, suites: str = "suites/guest") -> dict[str, object]:
+    """Run the guest suites over each tier on `jobs` xdist workers, as `make conformance` does (one variant's
+    tests stay on one worker); record wall time and per-variant cost (boot + tests, summed over workers).
 
     Tiers not run this time keep their earlier entry in `out`.
     """
@@ -112,6 +113,8 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         junit = out.parent / f"bench-matrix-{tier_name}.xml"
         args = [sys.executable, "-m", "pytest", suites, "-q", "-p", "no:cacheprovider", f"--matrix={tier_name}",
                 f"--accel={accel}", f"--junitxml={junit}"]
+        if jobs > 1:
+            args += ["-n", str(jobs), "--dist", "loadgroup"]
         targets = (("qemu", qemu), ("kernel", kernel), ("modules", modules))
         args += [f"--{name}={value}" for name, value in targets if value]
         started = time.monotonic()
@@ -120,7 +123,7 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         outcomes, per_variant = junit_matrix_summary(junit)
         target = MATRIX_TARGETS_S.get(tier_name)
         recorded[tier_name] = {
-            "wall_s": round(wall, 1), "target_s": target, "meets_target": target is None or wall <= target,
+            "wall_s": round(wall, 1), "workers": jobs, "target_s": target, "meets_target": target is None or wall <= target,
             "pytest_exit": completed.returncode, "outcomes": outcomes, "per_variant_s": per_variant,
         }
         print(f"{tier_name}: {wall:.0f} s wall (target {target} s), {outcomes}")

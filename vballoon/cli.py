@@ -59,7 +59,7 @@ def _cmd_bench_boot(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_bench_matrix(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.benchmarks import run_matrix_benchmark
 
-    run_matrix_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.tiers, Path(args.out))
+    run_matrix_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.tiers, Path(args.out), args.jobs)
     return 0
 
 
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "written to reports/bench-matrix.json")
     _add_target_options(matrix)
     matrix.add_argument("--tiers", nargs="+", default=["quick", "standard"], choices=("quick", "standard", "full"))
+    matrix.add_argument("--jobs", type=int, default=2, help="pytest-xdist workers, as make conformance uses (default 2)")
     matrix.add_argument("--out", default="reports/bench-matrix.json")
     matrix.set_defaults(handler=_cmd_bench_matrix)
     return parser

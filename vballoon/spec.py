@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import Iterable, Literal
 
 from vballoon.errors import DecodeError
@@ -92,8 +92,9 @@ def buffer_endian(features: int, guest_endian: Endian = "little") -> Endian:
 # --- device status -------------------------------------------------------------
 
 
-class Status(IntFlag):
-    """Device status register bits."""
+class Status:
+    """Device status register bits, as plain ints: the reference tests them on every operation, and
+    `IntFlag` arithmetic costs a microsecond or more per operator."""
 
     ACKNOWLEDGE = 1
     DRIVER = 2

@@ -15,6 +15,7 @@ packed ring can be added beside the split one.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
@@ -174,6 +175,7 @@ class SplitLayout:
         return RING_HEADER_SIZE + USED_ELEM_SIZE * size + EVENT_SIZE
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)  # every negotiation lays out the same rings again
     def modern(cls, size: int, base: int) -> SplitLayout:
         """Three parts packed from `base` with the modern alignments (16, 2, 4)."""
         desc = _align(base, DESC_ALIGN)
@@ -182,6 +184,7 @@ class SplitLayout:
         return cls(size, desc, avail, used)
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)
     def legacy(cls, size: int, base: int, align: int = LEGACY_ALIGN) -> SplitLayout:
         """The legacy single region at `base` (a multiple of `align`): used ring on the next `align` boundary."""
         if base % align:
@@ -278,7 +281,10 @@ class SplitDriverQueue:
         self.ring = _RingAccess(memory, layout, endian)
         self.layout = layout
         self.event_idx = event_idx
-        self._free = list(range(layout.size))
+        self._never_used = 0
+        """Descriptors from here to the ring's size have not been used yet; they are handed out first."""
+        self._freed: list[int] = []
+        """Descriptors given back, oldest first; handed out once no unused one is left."""
         self._outstanding: dict[int, list[int]] = {}  # head -> descriptor indices
         self._avail_idx = 0
         self._last_used_idx = 0
@@ -292,7 +298,13 @@ class SplitDriverQueue:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.layout.size - self._never_used + len(self._freed)
+
+    def _take_free(self) -> int:
+        if self._never_used < self.layout.size:
+            self._never_used += 1
+            return self._never_used - 1
+        return self._freed.pop(0)
 
     @property
     def avail_idx(self) -> int:
@@ -317,9 +329,9 @@ class SplitDriverQueue:
                 desc = Descriptor(buf.addr, buf.length, flags | (0 if last else DESC_F_NEXT), 0 if last else i + 1)
                 self.ring.write_desc(indirect_table, i, desc)
             buffers = [(Buffer(indirect_table, DESC_SIZE * len(buffers)), DESC_F_INDIRECT)]
-        if len(buffers) > len(self._free):
-            raise VirtqueueError(f"chain of {len(buffers)} descriptors but only {len(self._free)} free")
-        indices = [self._free.pop(0) for _ in buffers]
+        if len(buffers) > self.num_free:
+            raise VirtqueueError(f"chain of {len(buffers)} descriptors but only {self.num_free} free")
+        indices = [self._take_free() for _ in buffers]
         for i, (buf, flags) in enumerate(buffers):
             last = i == len(buffers) - 1
             desc = Descriptor(buf.addr, buf.length, flags | (0 if last else DESC_F_NEXT), 0 if last else indices[i + 1])
@@ -369,7 +381,7 @@ class SplitDriverQueue:
             chain = self._outstanding.pop(elem.id, None)
             if chain is None:
                 raise VirtqueueError(f"device used id {elem.id}, which is not an outstanding head")
-            self._free.extend(chain)
+            self._freed.extend(chain)
             elements.append(elem)
             self._last_used_idx = (self._last_used_idx + 1) & 0xFFFF
         return elements

@@ -79,6 +79,7 @@ NEGOTIABLE = feature_mask(*(bit for bit in BALLOON_FEATURES if bit != Feature.MU
 DEVICE_RESERVED_BITS = 0xC0
 
 
+@functools.lru_cache(maxsize=256)
 def offered_balloon_features(variant: Variant) -> int:
     """The balloon feature bits QEMU 7.2 offers for `variant`, without MUST_TELL_HOST."""
     bits = [Feature.STATS_VQ]

@@ -10,7 +10,9 @@ page sets, and for each page the outcomes a conforming device may produce.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
 from vballoon.errors import DecodeError
 from vballoon.reference.errors import DeviceError, RequestRejected
 from vballoon.reference.hinting import FreePageHinting, HintState
@@ -69,7 +71,7 @@ class DeviceProperties:
     ring_features: int = feature_mask(Feature.INDIRECT_DESC, Feature.EVENT_IDX)
     """Transport features offered besides the balloon bits (QEMU 7.2 also offers RING_RESET)."""
 
-    @property
+    @functools.cached_property  # read on every status write and invariant check
     def offered_features(self) -> int:
         """STATS_VQ always, MUST_TELL_HOST never, the rest from the properties (QEMU 7.2)."""
         bits = [Feature.STATS_VQ]
@@ -80,7 +82,7 @@ class DeviceProperties:
         bits += [Feature.VERSION_1] if self.modern else []
         return feature_mask(*bits) | self.ring_features
 
-    @property
+    @functools.cached_property
     def queue_names(self) -> tuple[str, ...]:
         """Queues in index order; absent queues take no index."""
         names = [INFLATEQ, DEFLATEQ, STATSQ]
@@ -468,7 +470,8 @@ class BalloonDevice:
         """Raise AssertionError if the device state is inconsistent."""
         ram_pages = self.ram.num_pages
         assert self.num_pages <= ram_pages, f"num_pages {self.num_pages} above RAM pages {ram_pages}"
-        assert all(self.ram.contains_pfn(p) for p in self.ballooned | self.hinted | self.reported), "page set outside RAM"
+        for pages in (self.ballooned, self.hinted, self.reported):
+            assert not pages or 0 <= min(pages) and max(pages) < ram_pages, "page set outside RAM"
         if self.status & Status.FEATURES_OK:
             assert not self.driver_features & ~self.offered_features, "FEATURES_OK with unoffered features"
         if not self._has(Feature.PAGE_POISON):

@@ -59,6 +59,10 @@ class GuestRam:
 
     def read(self, addr: int, n: int) -> bytes:
         self._check(addr, n)
+        offset = addr & (PAGE_SIZE - 1)
+        if offset + n <= PAGE_SIZE:  # within one page: ring fields, descriptors, most buffers
+            page = self._pages.get(addr >> PFN_SHIFT)
+            return bytes(page[offset:offset + n]) if page is not None else bytes(n)
         out = bytearray()
         while n:
             pfn, offset = divmod(addr, PAGE_SIZE)
@@ -70,6 +74,15 @@ class GuestRam:
 
     def write(self, addr: int, data: bytes) -> None:
         self._check(addr, len(data))
+        offset = addr & (PAGE_SIZE - 1)
+        if offset + len(data) <= PAGE_SIZE:  # within one page
+            pfn = addr >> PFN_SHIFT
+            page = self._pages.get(pfn)
+            if page is None:
+                page = self._pages[pfn] = bytearray(PAGE_SIZE)
+            page[offset:offset + len(data)] = data
+            self._latitude.pop(pfn, None)
+            return
         view = memoryview(bytes(data))
         while view:
             pfn, offset = divmod(addr, PAGE_SIZE)
