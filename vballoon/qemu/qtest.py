@@ -59,6 +59,9 @@ class QtestClient:
         self._on_failure = on_failure
         self._received = bytearray()
         self._unsent: list[str] = []
+        self._unsent_checks: list[tuple[int, Callable[[int], bool], str]] = []
+        """(position in `_unsent`, check, what) of reads `expect` left in the pipeline."""
+        self._deferring: tuple[Callable[[int], bool], str] | None = None
         self._pipeline_depth = 0
         self._transcript = transcript
         self.timeout = timeout
@@ -93,6 +96,24 @@ class QtestClient:
             self._pipeline_depth -= 1
         if self._pipeline_depth == 0 and self._unsent:
             self._round_trip([])
+
+    @property
+    def pipelining(self) -> bool:
+        return self._pipeline_depth > 0
+
+    def expect(self, read: Callable[[], int], check: Callable[[int], bool], what: str) -> None:
+        """Check the value `read()` gets: at once, or within a pipeline when the pipeline next goes out
+        (no round trip of its own). A value failing `check` raises QemuError naming `what`."""
+        if not self._pipeline_depth:
+            value = read()
+            if not check(value):
+                raise QemuError(f"qtest: {what}: read {value:#x}")
+            return
+        self._deferring = (check, what)
+        try:
+            read()
+        finally:
+            self._deferring = None
 
     def batched(self, reads: Callable[[], T]) -> T:
         """`reads()` with all its requests in one round trip. `reads` runs twice: first to note its requests
@@ -133,13 +154,16 @@ class QtestClient:
             return NOTED_ANSWER
         if self._answers is not None and reply_needed:
             return next(self._answers)
-        if self._pipeline_depth and not reply_needed:
+        if self._pipeline_depth and (not reply_needed or self._deferring is not None):
+            if reply_needed and self._deferring is not None:
+                self._unsent_checks.append((len(self._unsent), *self._deferring))
             self._unsent.append(line)
-            return ""
+            return NOTED_ANSWER if reply_needed else ""
         return self._round_trip([line])[-1]
 
     def _round_trip(self, lines: list[str]) -> list[str]:
         batch, self._unsent = self._unsent + lines, []
+        checks, self._unsent_checks = self._unsent_checks, []
         payload = "".join(f"{line}\n" for line in batch)
         if self._transcript is not None:
             self._transcript.write(payload)
@@ -151,7 +175,17 @@ class QtestClient:
             raise QemuError(f"qtest: cannot send {_short(batch[0])!r} ({error}); {self._on_failure()}") from None
         self.round_trips += 1
         deadline = time.monotonic() + self.timeout
-        return [self._check(request, self._reply_line(request, deadline)) for request in batch]
+        replies: list[str] = []
+        while len(replies) < len(batch):  # QEMU answers only what was asked: every line that came is ours or IRQ
+            replies += [line for line in self._complete_lines(batch[len(replies)], deadline)
+                        if not self._note_irq(line)]
+        if len(replies) > len(batch):
+            raise QemuError(f"qtest: unexpected line {replies[len(batch)]!r} after the answers to a batch")
+        answers = [self._check(request, reply) for request, reply in zip(batch, replies, strict=True)]
+        for position, check, what in checks:
+            if not check(int(answers[position], 16)):
+                raise QemuError(f"qtest: {what}: read {answers[position]}")
+        return answers
 
     @staticmethod
     def _check(request: str, reply: str) -> str:
@@ -159,15 +193,8 @@ class QtestClient:
             return reply[3:]
         raise QtestCommandError(f"qtest {_short(request)!r}: QEMU answered {reply!r}")
 
-    def _reply_line(self, request: str, deadline: float) -> str:
-        """The next answer line; IRQ notifications met on the way update `irq_levels`."""
-        while True:
-            line = self._next_line(request, deadline)
-            if not self._note_irq(line):
-                return line
-
-    def _next_line(self, request: str, deadline: float | None) -> str:
-        """One line from QEMU; with deadline None, '' when none is ready right now."""
+    def _complete_lines(self, request: str, deadline: float | None) -> list[str]:
+        """Every whole line received, waiting for at least one; with deadline None, [] when none is ready now."""
         while b"\n" not in self._received:
             remaining = 0.0 if deadline is None else deadline - time.monotonic()
             if deadline is not None and remaining <= 0:
@@ -175,10 +202,10 @@ class QtestClient:
                                 f"{self._on_failure()}")
             self._socket.settimeout(remaining if deadline is not None else 0.0)
             try:
-                chunk = self._socket.recv(65536)
+                chunk = self._socket.recv(1 << 20)
             except (socket.timeout, BlockingIOError):
                 if deadline is None:
-                    return ""
+                    return []
                 continue
             except OSError as error:
                 raise QemuError(f"qtest: connection lost during {_short(request)!r} ({error}); "
@@ -187,12 +214,14 @@ class QtestClient:
                 raise QemuError(f"qtest: QEMU closed the connection during {_short(request)!r}; "
                                 f"{self._on_failure()}")
             self._received += chunk
-        end = self._received.index(b"\n")
-        line = self._received[:end].decode("ascii", errors="replace")
+        end = self._received.rindex(b"\n")
+        lines = self._received[:end].decode("ascii", errors="replace").split("\n")
         del self._received[: end + 1]
-        return line
+        return lines
 
     def _note_irq(self, line: str) -> bool:
+        if not line.startswith("IRQ"):
+            return False
         words = line.split()
         if len(words) == 3 and words[0] == "IRQ" and words[1] in ("raise", "lower"):
             self.irq_levels[int(words[2])] = words[1] == "raise"
@@ -278,11 +307,13 @@ class QtestClient:
         """Write `data` to guest memory (b64write when the binary has it)."""
         if not data:
             return  # QEMU refuses an empty payload
-        if self.base64:
-            line = f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}"
+        if data.count(0) == len(data):  # zeroed rings and buffers: one short line instead of the bytes
+            self.memset(addr, len(data), 0)
+        elif self.base64:
+            self._execute(f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}",
+                          reply_needed=False)
         else:
-            line = f"write {addr:#x} {len(data):#x} 0x{data.hex()}"
-        self._execute(line, reply_needed=False)
+            self._execute(f"write {addr:#x} {len(data):#x} 0x{data.hex()}", reply_needed=False)
 
     def memset(self, addr: int, n: int, byte: int) -> None:
         self._execute(f"memset {addr:#x} {n:#x} {byte:#x}", reply_needed=False)
@@ -305,11 +336,12 @@ class QtestClient:
         if self._unsent:
             self._round_trip([])
         while self._received or self._ready():
-            line = self._next_line("(waiting for IRQ lines)", None)
-            if not line:
+            lines = self._complete_lines("(waiting for IRQ lines)", None)
+            if not lines:
                 break
-            if not self._note_irq(line):
-                raise QemuError(f"qtest: unexpected line {line!r} while no request was pending")
+            for line in lines:
+                if not self._note_irq(line):
+                    raise QemuError(f"qtest: unexpected line {line!r} while no request was pending")
         return dict(self.irq_levels)
 
     def _ready(self) -> bool:
@@ -319,7 +351,7 @@ class QtestClient:
         except (BlockingIOError, socket.timeout):
             return False
         except OSError:
-            return True  # let _next_line report the failure
+            return True  # let _complete_lines report the failure
 
     def wait_irq(self, line: int, raised: bool, timeout: float) -> None:
         """Wait until IRQ `line` is raised (or lowered)."""
@@ -339,11 +371,13 @@ class QtestClient:
         return int(self.command("clock_step" if ns is None else f"clock_step {ns}"))
 
 
+SUFFIXES = {1: "b", 2: "w", 4: "l", 8: "q"}
+
+
 def _suffix(width: int, widest: int) -> str:
-    suffixes = {1: "b", 2: "w", 4: "l", 8: "q"}
-    if width not in suffixes or width > widest:
-        raise ValueError(f"access width {width}: use one of {[w for w in suffixes if w <= widest]}")
-    return suffixes[width]
+    if width not in SUFFIXES or width > widest:
+        raise ValueError(f"access width {width}: use one of {[w for w in SUFFIXES if w <= widest]}")
+    return SUFFIXES[width]
 
 
 def _short(line: str) -> str:
