@@ -81,6 +81,30 @@ def test_pipelined_writes_cost_one_round_trip(qtest: QtestClient) -> None:
     assert qtest.readb(SCRATCH) == 0xEE
 
 
+def test_zero_fill_is_written_as_memset_and_reads_back_zero(qtest: QtestClient) -> None:
+    qtest.memset(SCRATCH, 8192, 0xFF)
+    qtest.recording = sent = []
+    qtest.write(SCRATCH + 1, bytes(8190))
+    qtest.recording = None
+    assert sent == [f"memset {SCRATCH + 1:#x} 0x1ffe 0x0"], f"expected one memset line for zeros, got {sent}"
+    assert qtest.read(SCRATCH, 8192) == b"\xff" + bytes(8190) + b"\xff"
+
+
+def test_expected_read_rides_the_pipeline_and_is_checked_when_it_goes_out(qtest: QtestClient) -> None:
+    qtest.writel(SCRATCH, 0x1234)
+    before = qtest.round_trips
+    with qtest.pipeline():
+        qtest.expect(lambda: qtest.readl(SCRATCH), lambda value: value == 0x1234, "scratch word")
+        qtest.writel(SCRATCH, 0x5678)
+        assert qtest.round_trips == before, "an expected read waits for the pipeline like a write"
+    assert qtest.round_trips == before + 1, "the read and the writes went out in one round trip"
+    with pytest.raises(QemuError, match=r"scratch word: read 0x5678"):
+        with qtest.pipeline():
+            qtest.expect(lambda: qtest.readl(SCRATCH), lambda value: value == 0x1234, "scratch word")
+    with pytest.raises(QemuError, match=r"scratch word: read 0x5678"):
+        qtest.expect(lambda: qtest.readl(SCRATCH), lambda value: value == 0x1234, "scratch word")
+
+
 def test_failure_inside_a_pipeline_names_the_request(qtest: QtestClient) -> None:
     with pytest.raises(QtestCommandError, match="irq_intercept_in /no/such/device"):
         with qtest.pipeline():

@@ -183,8 +183,9 @@ class QtestClient:
             raise QemuError(f"qtest: unexpected line {replies[len(batch)]!r} after the answers to a batch")
         answers = [self._check(request, reply) for request, reply in zip(batch, replies, strict=True)]
         for position, check, what in checks:
-            if not check(int(answers[position], 16)):
-                raise QemuError(f"qtest: {what}: read {answers[position]}")
+            value = int(answers[position], 16)
+            if not check(value):
+                raise QemuError(f"qtest: {what}: read {value:#x}")
         return answers
 
     @staticmethod
