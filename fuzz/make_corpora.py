@@ -19,9 +19,10 @@ from vballoon.fuzz.crashes import write_new
 from vballoon.fuzz.format import VERSION, device_byte, encode
 from vballoon.fuzz.targets import DIFFERENTIAL_VARIANT, TARGETS
 from vballoon.matrix import Variant
+from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
-from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, ConfigField, encode_cmd_id, encode_pfns,
-                           encode_stats)
+from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, PFN_SHIFT, ConfigField, encode_cmd_id,
+                           encode_pfns, encode_stats)
 from vballoon.transport import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation, ReadConfig, Reset, Scenario,
                                 SetPollingInterval, SetTarget, Stop, WriteConfig)
 
@@ -64,6 +65,16 @@ def _scenario_seeds() -> dict[str, tuple[Operation, ...]]:
         # QEMU holds hint buffers while the VM is stopped; the bad command id's error comes after cont.
         "hint-short-command-id-while-stopped": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0")),
         "fill-stop-cont-reset": (FillPage(POOL_PFNS[7], 0xEE), negotiate, Stop(), Cont(), Reset(), negotiate),
+        # A hint held while stopped is gone after a reset: no error at cont, though the command id is bad.
+        "hint-short-command-id-stopped-then-reset": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0"), negotiate,
+                                                     Cont(), negotiate),
+        # Ballooning its own ring page (BAL-DRV-OP-6): QEMU zeroes it, used entries read back as id 0.
+        "inflate-own-ring-page": (negotiate, *[AddBuffer(INFLATEQ, encode_pfns(POOL_PFNS[4:5]))] * 3,
+                                  AddBuffer(INFLATEQ, encode_pfns([FIRST_FREE_RAM >> PFN_SHIFT])), negotiate),
+        # A page reported under poison_val 0 (QEMU discards it: zeros) stays allowed after poison_val changes.
+        "report-under-zero-poison-then-renegotiate": (FillPage(POOL_PFNS[0], 0x77), negotiate,
+                                                      AddBuffer(REPORTING_VQ, b"", POOL_PFNS[:1]),
+                                                      Negotiate(ALL_FEATURES, 0x100)),
         # QEMU < 4.1 sign-extended PFNs with bit 31 set.
         "historical-pfn-bit31-sign-extension": (negotiate,
                                                 AddBuffer(INFLATEQ, encode_pfns([0x80000000 | POOL_PFNS[0]]))),

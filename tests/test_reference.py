@@ -455,6 +455,19 @@ def test_report_with_poison_allows_only_poison():
     assert not device.page_content_allowed(21, b"\x01" * PAGE_SIZE)
 
 
+@pytest.mark.req("BAL-DEV-FPR-2")
+def test_reported_page_keeps_the_poison_val_of_its_report_across_a_new_negotiation():
+    """A device that filled a reported page with poison_val X conforms even after the driver later negotiates
+    poison_val Y: the page was filled before Y existed."""
+    device, driver = ready(free_page_reporting=True, poison_val=0xAAAAAAAA)
+    driver.report_pages([21])
+    assert driver.negotiate(poison_val=0x55555555), "renegotiation failed"
+    assert device.page_content_allowed(21, poison_page(0xAAAAAAAA)), "the pattern of the report's poison_val"
+    assert not device.page_content_allowed(21, poison_page(0x55555555)), "a poison_val set after the report"
+    with pytest.raises(ValueError, match="poison pattern"):
+        device.ram.allow(22, frozenset({PageOutcome.POISON}))
+
+
 def test_partial_pages_in_a_report_are_not_touched():
     device, driver = ready(free_page_reporting=True)
     driver.send("reporting_vq", in_=[Buffer(30 * PAGE_SIZE + 8, 2 * PAGE_SIZE)])

@@ -8,6 +8,7 @@ import pytest
 
 from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
+from vballoon.reference.device import FREE_PAGE_VQ
 from vballoon.spec import PAGE_SIZE, ConfigField, Feature, encode_pfns, encode_stats, feature_mask
 from vballoon.transport import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Observation, ReadConfig,
                                 ReferenceTransport, Reset, Scenario, SetPollingInterval, SetTarget, Stop,
@@ -51,6 +52,24 @@ def test_stats_buffer_is_held_until_polling_starts_and_not_while_stopped() -> No
     reference.apply(Stop())
     assert reference.observe(reference.apply(SetPollingInterval(3600))).used == ()
     assert reference.observe(reference.apply(Cont())).used == (("statsq", 0, 0),)
+
+
+@pytest.mark.req("BAL-DEV-FPH-1")
+def test_hint_buffers_wait_for_cont_and_a_reset_drops_them() -> None:
+    """QEMU's hint iothread is blocked while the VM is stopped: the reference takes the same timing."""
+    variant = Variant(free_page_hint=True)
+    for before_cont, errors in (((), 1), ((Negotiate(feature_mask(Feature.FREE_PAGE_HINT)),), 0)):
+        reference = ReferenceTransport(variant, False)
+        reference.apply(Negotiate(feature_mask(Feature.FREE_PAGE_HINT)))
+        reference.apply(Stop())
+        reference.apply(AddBuffer(FREE_PAGE_VQ, b"\0"))  # a 1-byte command id: a device error once processed
+        assert reference.observe((None, None)).device_errors == 0, "processed while the VM was stopped"
+        for op in before_cont:
+            reference.apply(op)
+        observed = reference.observe(reference.apply(Cont()))
+        assert observed.device_errors == errors, (
+            f"BAL-DEV-FPH-1: after {[type(op).__name__ for op in before_cont]} then cont: expected {errors} device "
+            f"error(s), got {observed.device_errors}")
 
 
 def test_a_page_zeroed_without_licence_is_a_difference() -> None:

@@ -32,6 +32,7 @@ from vballoon.matrix import Variant
 from vballoon.qemu.machine import QemuBinary
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.reference import BalloonDevice, DeviceProperties, RequestRejected
+from vballoon.reference.device import FREE_PAGE_VQ
 from vballoon.reference.driver import ReferenceDriver
 from vballoon.spec import (BALLOON_FEATURES, PAGE_SIZE, PFN_SHIFT, ConfigField, Feature, Status, config_size,
                            feature_mask, has_feature)
@@ -248,10 +249,17 @@ class ReferenceTransport:
         poison_val. A driver that populates poison_val before DRIVER_OK, as it must, overwrites them."""
         self.poison_val_was_unspecified = False
         """`poison_val_unspecified` held at some point of the scenario (reads of poison_val are then not judged)."""
+        self.hints_held = False
+        """Free page hint buffers were published while the VM was stopped and wait for cont. QEMU 7.2 hands
+        them to an iothread that is blocked while the VM is stopped (`block_iothread`); a reset before cont
+        leaves them unprocessed. The spec lets a device use a buffer whenever it likes, so the reference
+        takes QEMU's timing."""
 
     def apply(self, op: Operation) -> tuple[int | None, str | None]:
         device = self.device
         try:
+            if isinstance(op, (Negotiate, Reset)):
+                self.hints_held = False
             if isinstance(op, Negotiate):
                 features = driver_features(op.features, device.offered_features)
                 self.poison_val_unspecified = has_feature(features, Feature.PAGE_POISON) and op.poison_val is None
@@ -267,13 +275,19 @@ class ReferenceTransport:
             elif isinstance(op, ReadConfig):
                 return device.read_config(op.offset, op.width), None
             elif isinstance(op, AddBuffer):
-                self.driver.send(op.queue, op.out, [Buffer(pfn << PFN_SHIFT, PAGE_SIZE) for pfn in op.in_pfns])
+                held = op.queue == FREE_PAGE_VQ and not self.running
+                self.driver.send(op.queue, op.out, [Buffer(pfn << PFN_SHIFT, PAGE_SIZE) for pfn in op.in_pfns],
+                                 notify=not held)
+                self.hints_held |= held
             elif isinstance(op, FillPage):
                 device.ram.write(op.pfn << PFN_SHIFT, bytes([op.byte]) * PAGE_SIZE)
             elif isinstance(op, SetPollingInterval):
                 device.set_stats_polling_interval(op.seconds)
             elif isinstance(op, (Stop, Cont)):
                 self.running = isinstance(op, Cont)
+                if self.running and self.hints_held:
+                    self.hints_held = False
+                    device.notify(device.queue_index(FREE_PAGE_VQ))
             elif isinstance(op, Reset):
                 device.write_status(0)
                 self.driver.queues = {}

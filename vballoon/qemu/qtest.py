@@ -38,6 +38,10 @@ class QtestCommandError(QemuError):
     """QEMU answered a qtest request with FAIL or ERR."""
 
 
+class QtestExpectationFailed(QemuError):
+    """A read checked with `QtestClient.expect` gave a value the check refused (QEMU is alive)."""
+
+
 @functools.cache
 def has_qtest_accelerator(qemu_path: Path) -> bool:
     """Whether `qemu_path -accel help` lists `qtest` (Debian's 7.2 does not)."""
@@ -59,9 +63,9 @@ class QtestClient:
         self._on_failure = on_failure
         self._received = bytearray()
         self._unsent: list[str] = []
-        self._unsent_checks: list[tuple[int, Callable[[int], bool], str]] = []
-        """(position in `_unsent`, check, what) of reads `expect` left in the pipeline."""
-        self._deferring: tuple[Callable[[int], bool], str] | None = None
+        self._unsent_reads: list[tuple[int, Callable[[int], None]]] = []
+        """(position in `_unsent`, receiver) of the reads `read_later` left in the pipeline."""
+        self._deferring: Callable[[int], None] | None = None
         self._pipeline_depth = 0
         self._transcript = transcript
         self.timeout = timeout
@@ -101,19 +105,25 @@ class QtestClient:
     def pipelining(self) -> bool:
         return self._pipeline_depth > 0
 
-    def expect(self, read: Callable[[], int], check: Callable[[int], bool], what: str) -> None:
-        """Check the value `read()` gets: at once, or within a pipeline when the pipeline next goes out
-        (no round trip of its own). A value failing `check` raises QemuError naming `what`."""
+    def read_later(self, read: Callable[[], int], receive: Callable[[int], None]) -> None:
+        """`receive(read())`: at once or, within a pipeline, when the pipeline next goes out (no round trip
+        of its own). `read` makes one integer read."""
         if not self._pipeline_depth:
-            value = read()
-            if not check(value):
-                raise QemuError(f"qtest: {what}: read {value:#x}")
+            receive(read())
             return
-        self._deferring = (check, what)
+        self._deferring = receive
         try:
             read()
         finally:
             self._deferring = None
+
+    def expect(self, read: Callable[[], int], check: Callable[[int], bool], what: str) -> None:
+        """Check the value `read()` gets, at once or as `read_later` does; a value failing `check` raises
+        QtestExpectationFailed naming `what`."""
+        def verify(value: int) -> None:
+            if not check(value):
+                raise QtestExpectationFailed(f"qtest: {what}: read {value:#x}")
+        self.read_later(read, verify)
 
     def batched(self, reads: Callable[[], T]) -> T:
         """`reads()` with all its requests in one round trip. `reads` runs twice: first to note its requests
@@ -156,14 +166,14 @@ class QtestClient:
             return next(self._answers)
         if self._pipeline_depth and (not reply_needed or self._deferring is not None):
             if reply_needed and self._deferring is not None:
-                self._unsent_checks.append((len(self._unsent), *self._deferring))
+                self._unsent_reads.append((len(self._unsent), self._deferring))
             self._unsent.append(line)
             return NOTED_ANSWER if reply_needed else ""
         return self._round_trip([line])[-1]
 
     def _round_trip(self, lines: list[str]) -> list[str]:
         batch, self._unsent = self._unsent + lines, []
-        checks, self._unsent_checks = self._unsent_checks, []
+        deferred, self._unsent_reads = self._unsent_reads, []
         payload = "".join(f"{line}\n" for line in batch)
         if self._transcript is not None:
             self._transcript.write(payload)
@@ -182,10 +192,8 @@ class QtestClient:
         if len(replies) > len(batch):
             raise QemuError(f"qtest: unexpected line {replies[len(batch)]!r} after the answers to a batch")
         answers = [self._check(request, reply) for request, reply in zip(batch, replies, strict=True)]
-        for position, check, what in checks:
-            value = int(answers[position], 16)
-            if not check(value):
-                raise QemuError(f"qtest: {what}: read {value:#x}")
+        for position, receive in deferred:
+            receive(int(answers[position], 16))
         return answers
 
     @staticmethod

@@ -362,6 +362,8 @@ class ModernInterface:
         self.notify_multiplier = notify_cap.notify_multiplier
         self.isr = regions[CfgType.ISR][0]
         self.device = regions[CfgType.DEVICE][0] if CfgType.DEVICE in regions else None
+        self._notify_offsets: dict[int, int] = {}
+        """queue_notify_off per queue: read-only and fixed, so read once (as drivers do at queue setup)."""
 
     def read_status(self) -> int:
         return self.common.read(COMMON_STATUS, 1)
@@ -408,9 +410,10 @@ class ModernInterface:
             self.common.write(COMMON_Q_ENABLE, 2, 1)
 
     def notify(self, index: int) -> None:
-        self.common.write(COMMON_Q_SELECT, 2, index)
-        offset = self.common.read(COMMON_Q_NOFF, 2) * self.notify_multiplier
-        self.notify_region.write(offset, 2, index)
+        if index not in self._notify_offsets:
+            self.common.write(COMMON_Q_SELECT, 2, index)
+            self._notify_offsets[index] = self.common.read(COMMON_Q_NOFF, 2) * self.notify_multiplier
+        self.notify_region.write(self._notify_offsets[index], 2, index)
 
     def read_isr(self) -> int:
         return self.isr.read(0, 1)
@@ -554,7 +557,9 @@ class VirtioPciDriver:
         """Reset, ACKNOWLEDGE, DRIVER, write `features` (any subset, offered or not).
 
         With `features_ok` (default: on the modern interface) set FEATURES_OK
-        and return whether the device kept it; on legacy return True.
+        and return whether the device kept it; on legacy return True. Inside a
+        pipeline the check rides it: True comes back at once, and a refusal
+        raises QtestExpectationFailed when the pipeline goes out.
         """
         self.reset()
         self.set_status(Status.ACKNOWLEDGE)
@@ -566,6 +571,10 @@ class VirtioPciDriver:
         if not features_ok:
             return True
         self.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
+        if self.qtest.pipelining:
+            self.qtest.expect(self.interface.read_status, lambda status: bool(status & Status.FEATURES_OK),
+                              f"FEATURES_OK kept for features {features:#x}")
+            return True
         return bool(self.status & Status.FEATURES_OK)
 
     def driver_ok(self) -> None:

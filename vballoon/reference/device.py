@@ -394,11 +394,12 @@ class BalloonDevice:
     def _report(self, index: int, chain: Chain) -> None:
         """Reported free pages: unchanged or zero without PAGE_POISON (BAL-DEV-FPR-1),
         unchanged or poison_val with it (BAL-DEV-FPR-2)."""
-        allowed = REPORTED_WITH_POISON if self._has(Feature.PAGE_POISON) else REPORTED_WITHOUT_POISON
+        poisoned = self._has(Feature.PAGE_POISON)
+        allowed, pattern = (REPORTED_WITH_POISON, self.poison_pattern()) if poisoned else (REPORTED_WITHOUT_POISON, None)
         for buffer in chain.in_:
             for pfn in self.ram.whole_pages(buffer):
                 self.reported.add(pfn)
-                self.ram.allow(pfn, allowed)
+                self.ram.allow(pfn, allowed, pattern)
         self._complete(index, chain)
 
     # --- host side -----------------------------------------------------------------
@@ -464,7 +465,7 @@ class BalloonDevice:
 
     def page_content_allowed(self, pfn: int, observed: bytes) -> bool:
         """Whether a device that left `observed` in page `pfn` conforms."""
-        return self.ram.content_allowed(pfn, observed, self.poison_pattern())
+        return self.ram.content_allowed(pfn, observed)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the device state is inconsistent."""

@@ -99,8 +99,9 @@ class ReferenceDriver:
         self._next_scratch += -(-length // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
         return addr
 
-    def send(self, queue: str, out: bytes = b"", in_: Sequence[Buffer] = (), *, indirect: bool = False) -> int:
-        """Put `out` in guest RAM, make one chain of it and `in_`, publish, notify if needed."""
+    def send(self, queue: str, out: bytes = b"", in_: Sequence[Buffer] = (), *, indirect: bool = False,
+             notify: bool = True) -> int:
+        """Put `out` in guest RAM, make one chain of it and `in_`, publish, notify if needed (and `notify`)."""
         ring = self.queues[queue]
         out_buffers = []
         if out:
@@ -109,7 +110,7 @@ class ReferenceDriver:
             out_buffers.append(Buffer(addr, len(out)))
         table = self._scratch(16 * (len(out_buffers) + len(in_))) if indirect else None
         head = ring.add_and_publish(out_buffers, in_, indirect_table=table)
-        if ring.should_notify():
+        if notify and ring.should_notify():
             self.device.notify(self.device.queue_index(queue))
         return head
 

@@ -45,6 +45,9 @@ class GuestRam:
         self.size = size
         self._pages: dict[int, bytearray] = {}
         self._latitude: dict[int, frozenset[PageOutcome]] = {}
+        self._poison: dict[int, frozenset[bytes]] = {}
+        """The poison patterns a page with POISON latitude may hold: poison_val as it was when the page was
+        reported (a later negotiation may change poison_val; the device filled the page before that)."""
 
     @property
     def num_pages(self) -> int:
@@ -82,6 +85,7 @@ class GuestRam:
                 page = self._pages[pfn] = bytearray(PAGE_SIZE)
             page[offset:offset + len(data)] = data
             self._latitude.pop(pfn, None)
+            self._poison.pop(pfn, None)
             return
         view = memoryview(bytes(data))
         while view:
@@ -90,6 +94,7 @@ class GuestRam:
             page = self._pages.setdefault(pfn, bytearray(PAGE_SIZE))
             page[offset : offset + chunk] = view[:chunk]
             self._latitude.pop(pfn, None)
+            self._poison.pop(pfn, None)
             addr, view = addr + chunk, view[chunk:]
 
     def page(self, pfn: int) -> bytes:
@@ -102,9 +107,14 @@ class GuestRam:
         end = min((buffer.addr + buffer.length) // PAGE_SIZE, self.num_pages)
         return range(first, max(first, end))
 
-    def allow(self, pfn: int, outcomes: frozenset[PageOutcome]) -> None:
-        """Record that the device may leave page `pfn` in any of `outcomes` (added to what it already may)."""
+    def allow(self, pfn: int, outcomes: frozenset[PageOutcome], poison: bytes | None = None) -> None:
+        """Record that the device may leave page `pfn` in any of `outcomes` (added to what it already may);
+        with POISON, `poison` is the page pattern of poison_val now (see `poison_page`)."""
         self._latitude[pfn] = self.allowed(pfn) | outcomes
+        if PageOutcome.POISON in outcomes:
+            if poison is None:
+                raise ValueError("a POISON outcome needs the poison pattern in effect")
+            self._poison[pfn] = self._poison.get(pfn, frozenset()) | {poison}
 
     def allowed(self, pfn: int) -> frozenset[PageOutcome]:
         """The outcomes a conforming device may have produced for page `pfn`."""
@@ -114,15 +124,11 @@ class GuestRam:
         """Every page whose content the device may have changed, with its outcomes."""
         return dict(self._latitude)
 
-    def content_allowed(self, pfn: int, observed: bytes, poison: bytes) -> bool:
-        """Whether `observed` is a content a conforming device may leave in page `pfn`.
-
-        `poison` is the poison_val page pattern in effect (see `poison_page`).
-        """
+    def content_allowed(self, pfn: int, observed: bytes) -> bool:
+        """Whether `observed` is a content a conforming device may leave in page `pfn`."""
         allowed = self.allowed(pfn)
-        candidates = {
-            PageOutcome.UNCHANGED: self.page(pfn),
-            PageOutcome.ZERO: bytes(PAGE_SIZE),
-            PageOutcome.POISON: poison,
-        }
-        return PageOutcome.ANY in allowed or any(candidates[o] == observed for o in allowed)
+        if PageOutcome.ANY in allowed:
+            return True
+        candidates = {PageOutcome.UNCHANGED: {self.page(pfn)}, PageOutcome.ZERO: {bytes(PAGE_SIZE)},
+                      PageOutcome.POISON: self._poison.get(pfn, frozenset())}
+        return any(observed in candidates[outcome] for outcome in allowed)
