@@ -68,6 +68,9 @@ def _scenario_seeds() -> dict[str, tuple[Operation, ...]]:
         # A hint held while stopped is gone after a reset: no error at cont, though the command id is bad.
         "hint-short-command-id-stopped-then-reset": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0"), negotiate,
                                                      Cont(), negotiate),
+        # QEMU's hint iothread raises the bad command id's error while the main loop takes the stats buffer.
+        "hint-bad-command-id-then-stats": (negotiate, AddBuffer(FREE_PAGE_VQ, b"\1\0\1"),
+                                           AddBuffer(STATSQ, encode_stats([(0, 1 << 40)]))),
         # Ballooning its own ring page (BAL-DRV-OP-6): QEMU zeroes it, used entries read back as id 0.
         "inflate-own-ring-page": (negotiate, *[AddBuffer(INFLATEQ, encode_pfns(POOL_PFNS[4:5]))] * 3,
                                   AddBuffer(INFLATEQ, encode_pfns([FIRST_FREE_RAM >> PFN_SHIFT])), negotiate),

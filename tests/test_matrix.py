@@ -8,8 +8,8 @@ import pytest
 
 from vballoon import matrix
 from vballoon.errors import UsageError
-from vballoon.matrix import (F_DEFLATE_ON_OOM, F_INDIRECT_DESC, F_PAGE_POISON, F_REPORTING, F_STATS_VQ,
-                             F_VERSION_1, Variant)
+from vballoon.matrix import Variant
+from vballoon.spec import Feature
 
 
 def test_every_full_variant_name_round_trips() -> None:
@@ -66,24 +66,24 @@ def test_unknown_tier_names_the_option() -> None:
 @pytest.mark.req("BAL-DRV-FEAT-POISON")
 def test_linux_clears_page_poison_without_poisoning() -> None:
     accepted = Variant(page_poison=True).accepted_features()
-    assert F_PAGE_POISON not in accepted, "PAGE_POISON must be cleared when the guest neither poisons nor inits on free"
-    assert F_PAGE_POISON in Variant(guest_boot="iof").accepted_features()
-    assert F_PAGE_POISON in Variant(guest_boot="pgpoison").accepted_features()
+    assert Feature.PAGE_POISON not in accepted, "PAGE_POISON must be cleared when the guest neither poisons nor inits on free"
+    assert Feature.PAGE_POISON in Variant(guest_boot="iof").accepted_features()
+    assert Feature.PAGE_POISON in Variant(guest_boot="pgpoison").accepted_features()
 
 
 @pytest.mark.req("BAL-DRV-FEAT-REPORT")
 def test_linux_clears_reporting_when_it_poisons_without_page_poison() -> None:
     poisoning = Variant(free_page_reporting=True, page_poison=False, guest_boot="iof")
-    assert F_REPORTING not in poisoning.accepted_features()
+    assert Feature.REPORTING not in poisoning.accepted_features()
     not_poisoning = Variant(free_page_reporting=True, page_poison=False)
-    assert F_REPORTING in not_poisoning.accepted_features()
+    assert Feature.REPORTING in not_poisoning.accepted_features()
 
 
 def test_offer_follows_properties_and_transport() -> None:
     offered = Variant(deflate_on_oom=True, transport="legacy", indirect_desc=False).offered_features()
-    assert {F_STATS_VQ, F_DEFLATE_ON_OOM, F_PAGE_POISON} <= offered
-    assert F_VERSION_1 not in offered and F_INDIRECT_DESC not in offered
-    assert F_INDIRECT_DESC not in Variant().accepted_features(), "Linux's balloon always clears INDIRECT_DESC"
+    assert {Feature.STATS_VQ, Feature.DEFLATE_ON_OOM, Feature.PAGE_POISON} <= offered
+    assert Feature.VERSION_1 not in offered and Feature.INDIRECT_DESC not in offered
+    assert Feature.INDIRECT_DESC not in Variant().accepted_features(), "Linux's balloon always clears INDIRECT_DESC"
 
 
 def test_device_properties_attach_iothread_for_hinting() -> None:

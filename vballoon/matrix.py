@@ -19,33 +19,20 @@ from typing import Iterator
 from allpairspy import AllPairs
 
 from vballoon.errors import UsageError
-
-# Feature bits (virtio spec 5.5.3 and 6). Kept here for the matrix oracle;
-# `vballoon.spec` is the wire-level home of the same numbers.
-F_MUST_TELL_HOST = 0
-F_STATS_VQ = 1
-F_DEFLATE_ON_OOM = 2
-F_FREE_PAGE_HINT = 3
-F_PAGE_POISON = 4
-F_REPORTING = 5
-F_NOTIFY_ON_EMPTY = 24
-F_ANY_LAYOUT = 27
-F_INDIRECT_DESC = 28
-F_EVENT_IDX = 29
-F_BAD_FEATURE = 30
-F_VERSION_1 = 32
-F_RING_PACKED = 34
+from vballoon.spec import Feature
 
 TRANSPORTS = ("modern", "transitional", "legacy")
 BACKENDS = ("anon", "shm", "memfd", "hugetlb")
 GUEST_BOOTS = ("plain", "iof", "pgpoison")
 
 # Transport bits the Linux 6.1 virtio core keeps (vring_transport_features).
-LINUX_TRANSPORT_BITS = frozenset({F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1, 33, F_RING_PACKED, 35})
-LINUX_BALLOON_BITS = frozenset(range(F_MUST_TELL_HOST, F_REPORTING + 1))
+LINUX_TRANSPORT_BITS = frozenset({Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1, Feature.ACCESS_PLATFORM,
+                                  Feature.RING_PACKED, Feature.IN_ORDER})
+LINUX_BALLOON_BITS = frozenset(range(Feature.MUST_TELL_HOST, Feature.REPORTING + 1))
 
 # The bits a variant's settings decide.
-MODELLED_BITS = LINUX_BALLOON_BITS | frozenset({F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1, F_RING_PACKED})
+MODELLED_BITS = LINUX_BALLOON_BITS | frozenset({Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1,
+                                                Feature.RING_PACKED})
 
 GENERIC_KERNEL_PACKAGE = "linux-image-amd64"
 CLOUD_KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -175,16 +162,16 @@ class Variant:
         QEMU offers further transport bits (NOTIFY_ON_EMPTY, ANY_LAYOUT, ...)
         that no variant setting controls; comparisons restrict to MODELLED_BITS.
         """
-        bits = {F_STATS_VQ}  # QEMU always offers STATS_VQ and never MUST_TELL_HOST
-        bits |= {F_DEFLATE_ON_OOM} if self.deflate_on_oom else set()
-        bits |= {F_FREE_PAGE_HINT} if self.free_page_hint else set()
-        bits |= {F_PAGE_POISON} if self.page_poison else set()
-        bits |= {F_REPORTING} if self.free_page_reporting else set()
-        bits |= {F_INDIRECT_DESC} if self.indirect_desc else set()
-        bits |= {F_EVENT_IDX} if self.event_idx else set()
-        bits |= {F_RING_PACKED} if self.packed else set()
+        bits = {Feature.STATS_VQ}  # QEMU always offers STATS_VQ and never MUST_TELL_HOST
+        bits |= {Feature.DEFLATE_ON_OOM} if self.deflate_on_oom else set()
+        bits |= {Feature.FREE_PAGE_HINT} if self.free_page_hint else set()
+        bits |= {Feature.PAGE_POISON} if self.page_poison else set()
+        bits |= {Feature.REPORTING} if self.free_page_reporting else set()
+        bits |= {Feature.INDIRECT_DESC} if self.indirect_desc else set()
+        bits |= {Feature.EVENT_IDX} if self.event_idx else set()
+        bits |= {Feature.RING_PACKED} if self.packed else set()
         if self.transport != "legacy":
-            bits.add(F_VERSION_1)
+            bits.add(Feature.VERSION_1)
         return frozenset(bits)
 
     def accepted_features(self) -> frozenset[int]:
@@ -199,10 +186,10 @@ class Variant:
         accepted = set(offered & (LINUX_BALLOON_BITS | LINUX_TRANSPORT_BITS))
         poisons = self.guest_boot in ("iof", "pgpoison")
         if not poisons:
-            accepted.discard(F_PAGE_POISON)
-        elif F_PAGE_POISON not in offered:
-            accepted.discard(F_REPORTING)
-        accepted.discard(F_INDIRECT_DESC)
+            accepted.discard(Feature.PAGE_POISON)
+        elif Feature.PAGE_POISON not in offered:
+            accepted.discard(Feature.REPORTING)
+        accepted.discard(Feature.INDIRECT_DESC)
         return frozenset(accepted)
 
 

@@ -9,14 +9,15 @@ import zlib
 import pytest
 
 from fixtures.qtest_device import expect_conformance
-from vballoon.guest.host_memory import qemu_memory_bytes
 from vballoon.guest.health import log_since
+from vballoon.guest.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog, start_hog
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.target import MIB, PAGE, set_target, wait_actual_settles
-from vballoon.matrix import F_REPORTING, Variant
+from vballoon.matrix import Variant
 from vballoon.qemu.machine import Machine
 from vballoon.session import Session
+from vballoon.spec import Feature
 from vballoon.waiting import wait_for
 
 FRACTIONS_OF_RAM = (3 / 4, 1 / 2, 5 / 8, 3 / 8, 1)  # evict, evict more, enlarge, evict, enlarge to full
@@ -101,7 +102,7 @@ def test_random_walk_of_resizes(shared_vm: Machine, variant: Variant) -> None:
 @pytest.mark.req("BAL-DRV-OP-1")
 def test_inflate_returns_dirtied_memory_to_the_host(small_host_pages: Variant, shared_vm: Machine) -> None:
     """After the guest dirtied its free memory, an inflate lowers QEMU's RSS by at least 80% of the inflate."""
-    if F_REPORTING in small_host_pages.accepted_features():
+    if Feature.REPORTING in small_host_pages.accepted_features():
         # Seen on two legacy +fpr variants: RSS fell 64% of the inflate, because reporting had already
         # returned part of the freed memory, which the balloon then took (test_reporting covers reporting).
         pytest.skip("free page reporting is negotiated: it returns the dirtied memory to the host on its own, "

@@ -7,8 +7,9 @@ import pytest
 from vballoon.guest.driver import LINUX_PAGE_POISON_VAL, first_driver_ok, poison_val_written, trace_probe_writes
 from vballoon.guest.memhog import run_hog
 from vballoon.guest.target import MIB, set_target
-from vballoon.matrix import F_PAGE_POISON, Variant
+from vballoon.matrix import Variant
 from vballoon.qemu.machine import Machine
+from vballoon.spec import Feature
 
 PATTERN = "--mib 64 --seed 23 --file /dev/shm/poison"
 CYCLES = 3
@@ -17,7 +18,7 @@ CYCLES = 3
 @pytest.fixture
 def poison_variant(variant: Variant) -> Variant:
     """The variant, if Linux negotiates PAGE_POISON with it (requested before the guest, so a skip boots nothing)."""
-    if F_PAGE_POISON not in variant.accepted_features():
+    if Feature.PAGE_POISON not in variant.accepted_features():
         pytest.skip(f"PAGE_POISON is not negotiated by variant {variant.name}: no poison_val is written")
     return variant
 

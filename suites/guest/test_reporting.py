@@ -8,8 +8,9 @@ from vballoon.guest.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.target import MIB
-from vballoon.matrix import F_PAGE_POISON, F_REPORTING, Variant
+from vballoon.matrix import Variant
 from vballoon.qemu.machine import Machine
+from vballoon.spec import Feature
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 # Linux reports 2 s after pages are freed (PAGE_REPORTING_DELAY); measured
@@ -26,7 +27,7 @@ PATTERN = "--mib 32 --seed 5 --file /dev/shm/reporting"
 @pytest.fixture
 def reporting_variant(variant: Variant) -> Variant:
     """The variant, if Linux negotiates REPORTING with it (requested before the guest, so a skip boots nothing)."""
-    if F_REPORTING not in variant.accepted_features():
+    if Feature.REPORTING not in variant.accepted_features():
         pytest.skip(f"REPORTING is not negotiated by variant {variant.name}")
     return variant
 
@@ -49,7 +50,7 @@ def test_freed_memory_returns_to_the_host(reporting_variant: Variant, shared_vm:
     With page_poison=1 (poison_val 0xaaaaaaaa) QEMU must not discard reported pages: RSS stays.
     """
     variant = reporting_variant
-    poisoned = variant.guest_boot == "pgpoison" and F_PAGE_POISON in variant.accepted_features()
+    poisoned = variant.guest_boot == "pgpoison" and Feature.PAGE_POISON in variant.accepted_features()
     vm = shared_vm
     run_hog(vm.ssh, f"fill {PATTERN}")
     freed, rss_after_free = dirty_and_free(vm)

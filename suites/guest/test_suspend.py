@@ -28,12 +28,12 @@ from vballoon.guest.health import kernel_trouble
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.guest.stats import read_stats, set_polling_interval, wait_report_after
 from vballoon.guest.target import MIB, PAGE, set_target
-from vballoon.matrix import F_DEFLATE_ON_OOM, F_PAGE_POISON, Variant
+from vballoon.matrix import Variant
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.migration import balloon_config_u32
 from vballoon.qemu.virtio_status import parse_status
 from vballoon.session import Session
-from vballoon.spec import ConfigField
+from vballoon.spec import ConfigField, Feature
 from vballoon.waiting import wait_for
 
 S3_ENABLED = ("-global", "ICH9-LPC.disable_s3=0")
@@ -120,7 +120,7 @@ def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> 
     """BAL-DRV-PP-2: the sleep reset the device (QEMU's reset clears poison_val), so the driver must write
     poison_val again before DRIVER_OK. Linux 6.1's virtballoon_restore does not; with page_poison=1 QEMU then
     discards reported free pages the guest expects to hold 0xaa, and page poisoning reports corruption."""
-    if F_PAGE_POISON not in vm.variant.accepted_features():
+    if Feature.PAGE_POISON not in vm.variant.accepted_features():
         return
     expected = LINUX_PAGE_POISON_VAL if vm.variant.guest_boot == "pgpoison" else 0
     got = balloon_config_u32(vm, ConfigField.POISON_VAL)
@@ -150,7 +150,7 @@ def test_unload_gives_memory_back_and_reload_inflates_again(shared_vm: Machine, 
     assert deflated == pages, f"BAL-DRV-OP-4: rmmod: expected {pages} pages deflated, got {deflated}"
     actual = vm.query_balloon_bytes()
     assert actual == ram, f"BAL-DRV-ACT-1: after rmmod: expected actual {ram} (balloon empty), got {actual}"
-    if F_DEFLATE_ON_OOM not in variant.accepted_features():
+    if Feature.DEFLATE_ON_OOM not in variant.accepted_features():
         assert unloaded.mem("MemTotal") == full_memtotal, (
             f"BAL-DRV-OP-2: after rmmod: expected MemTotal {full_memtotal} (all memory back), "
             f"got {unloaded.mem('MemTotal')}")

@@ -44,8 +44,9 @@ from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
-from vballoon.transport import (POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation,
-                                ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig)
+from vballoon.transport import (MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate,
+                                Operation, ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig,
+                                reference_properties)
 
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -81,13 +82,8 @@ DEVICE_RESERVED_BITS = 0xC0
 
 @functools.lru_cache(maxsize=256)
 def offered_balloon_features(variant: Variant) -> int:
-    """The balloon feature bits QEMU 7.2 offers for `variant`, without MUST_TELL_HOST."""
-    bits = [Feature.STATS_VQ]
-    bits += [Feature.DEFLATE_ON_OOM] if variant.deflate_on_oom else []
-    bits += [Feature.FREE_PAGE_HINT] if variant.free_page_hint else []
-    bits += [Feature.PAGE_POISON] if variant.page_poison else []
-    bits += [Feature.REPORTING] if variant.free_page_reporting else []
-    return feature_mask(*bits)
+    """The balloon feature bits QEMU 7.2 offers for `variant` (the reference's), without MUST_TELL_HOST."""
+    return reference_properties(variant, False, MEMORY_MIB << 20).offered_features & NEGOTIABLE
 
 
 # --- the device byte ---------------------------------------------------------------

@@ -105,6 +105,11 @@ class QtestClient:
     def pipelining(self) -> bool:
         return self._pipeline_depth > 0
 
+    def flush(self) -> None:
+        """Send what the pipeline holds now, and take the answers (one round trip, none if it holds nothing)."""
+        if self._unsent:
+            self._round_trip([])
+
     def read_later(self, read: Callable[[], int], receive: Callable[[int], None]) -> None:
         """`receive(read())`: at once or, within a pipeline, when the pipeline next goes out (no round trip
         of its own). `read` makes one integer read."""
@@ -342,8 +347,7 @@ class QtestClient:
 
     def poll_irqs(self) -> dict[int, bool]:
         """Take in IRQ notifications that have already arrived; the current `irq_levels`."""
-        if self._unsent:
-            self._round_trip([])
+        self.flush()
         while self._received or self._ready():
             lines = self._complete_lines("(waiting for IRQ lines)", None)
             if not lines:
