@@ -10,7 +10,7 @@ from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import FREE_PAGE_VQ
 from vballoon.spec import PAGE_SIZE, ConfigField, Feature, encode_pfns, encode_stats, feature_mask
-from vballoon.transport import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Observation, ReadConfig,
+from vballoon.transport import (LOST_NEEDS_RESET, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Observation, ReadConfig,
                                 ReferenceTransport, Reset, Scenario, SetPollingInterval, SetTarget, Stop,
                                 UsedLedger, WriteConfig, compare, scenario_from_json, scenario_to_json)
 
@@ -90,6 +90,18 @@ def test_a_dead_qemu_is_a_difference_without_requirement() -> None:
     expected = reference.observe((None, None))
     (difference,) = compare(reference, expected, Observation(alive=False, crash=("QEMU killed by SIGABRT",)))
     assert difference.requirement is None and "SIGABRT" in str(difference)
+
+
+def test_a_virtio_error_without_needs_reset_is_named_as_the_lost_bit() -> None:
+    """QEMU 7.2's race (virtio_set_status storing a stale status over virtio_error's NEEDS_RESET) gets its own
+    name, apart from a plain status difference."""
+    reference = ReferenceTransport(Variant(), False)
+    expected = dataclasses.replace(reference.observe((None, None)), status=0x4F, device_errors=1)
+    (lost,) = compare(reference, expected, dataclasses.replace(expected, status=0x0F))
+    assert lost.requirement == LOST_NEEDS_RESET, f"expected {LOST_NEEDS_RESET!r}, got {lost}"
+    no_error = dataclasses.replace(expected, device_errors=0)
+    (plain,) = compare(reference, no_error, dataclasses.replace(no_error, status=0x0F))
+    assert plain.requirement == "BAL-DEV-LEG-FEAT-1" and plain.what == "device status", f"got {plain}"
 
 
 def test_used_entries_may_come_late_only_while_stopped() -> None:

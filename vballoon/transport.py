@@ -472,6 +472,13 @@ def _is_subsequence(part: Sequence[int], whole: Sequence[int]) -> bool:
     return all(any(value == candidate for candidate in remaining) for value in part)
 
 
+LOST_NEEDS_RESET = "virtio 2.1.2 DEVICE_NEEDS_RESET"
+"""Outside the balloon chapter: "The device SHOULD set DEVICE_NEEDS_RESET when it enters an error state that a
+reset is needed." QEMU 7.2 can lose the bit: virtio_error in the free page hint iothread sets it while the main
+loop is inside virtio_set_status (hw/virtio/virtio.c), which wakes that iothread through the balloon's
+set_status and then stores the status value it was called with."""
+
+
 def compare(reference: ReferenceTransport, expected: Observation, got: Observation) -> list[Difference]:
     """Differences of QEMU's `got` from the reference's `expected`, judged with the reference's allowed sets."""
     judgement = Judgement()
@@ -485,7 +492,11 @@ def compare(reference: ReferenceTransport, expected: Observation, got: Observati
         judgement.add("BAL-CFG-LEG-LE", "host request error", expected.request_error, got.request_error)
     status_bits = Status.FEATURES_OK | Status.DRIVER_OK | Status.DEVICE_NEEDS_RESET
     if got.status & status_bits != expected.status & status_bits:
-        judgement.add("BAL-DEV-LEG-FEAT-1", "device status", hex(expected.status), hex(got.status))
+        if (got.status ^ expected.status) & status_bits == Status.DEVICE_NEEDS_RESET and got.device_errors:
+            judgement.add(LOST_NEEDS_RESET, "QEMU logged a virtio_error but its device status lacks DEVICE_NEEDS_RESET",
+                          hex(expected.status), hex(got.status))
+        else:
+            judgement.add("BAL-DEV-LEG-FEAT-1", "device status", hex(expected.status), hex(got.status))
     if (got.device_errors > 0) != (expected.device_errors > 0):
         judgement.add("BAL-DEV-FPH-1" if device.errors and "cmd id" in device.errors[-1] else "BAL-DEV-LEG-FEAT-1",
                       "device error (virtio_error)", expected.device_errors, got.device_errors)
