@@ -234,9 +234,9 @@ def encode_pfns(pfns: Iterable[int], endian: Endian = "little") -> bytes:
 
 def decode_pfns(data: bytes, endian: Endian = "little") -> DecodedPfns:
     """Read 32-bit PFNs while 4 whole bytes remain, as QEMU 7.2 does."""
-    fmt = struct_prefix(endian) + "I"
-    whole = len(data) - len(data) % PFN_SIZE
-    return DecodedPfns(tuple(pfn for (pfn,) in struct.iter_unpack(fmt, data[:whole])), len(data) - whole)
+    count = len(data) // PFN_SIZE
+    return DecodedPfns(struct.unpack(f"{struct_prefix(endian)}{count}I", data[:count * PFN_SIZE]),
+                       len(data) - count * PFN_SIZE)
 
 
 # --- free page hint command ids --------------------------------------------------

@@ -23,7 +23,9 @@ from vballoon.transport import (POOL_PFNS, AddBuffer, FillPage, Negotiate, Opera
 HINT_DEVICE = 8
 REPORTING_DEVICE = 16
 POOL_FILL = 0xA5
-"""Pool pages are filled first so a page the device discards reads back differently."""
+"""Pool pages are filled before their buffer so a page the device discards reads back differently. The fills
+come after the negotiation: they commute with it, and so every input of a device shares one template of the
+negotiated reference (`vballoon.fuzz.reference_run`)."""
 
 
 def _runnable(variant: Variant, legacy_interface: bool, ops: list[Operation]) -> Scenario:
@@ -49,8 +51,7 @@ def pfn_scenario(data: bytes) -> Scenario:
     variant, legacy, negotiate = _negotiated(data)
     flags = data[1] if len(data) > 1 else 0
     first, second = (DEFLATEQ, INFLATEQ) if flags & 1 else (INFLATEQ, DEFLATEQ)
-    ops: list[Operation] = [FillPage(pfn, POOL_FILL) for pfn in POOL_PFNS]
-    ops += [negotiate, AddBuffer(first, data[2:])]
+    ops: list[Operation] = [negotiate, *(FillPage(pfn, POOL_FILL) for pfn in POOL_PFNS), AddBuffer(first, data[2:])]
     ops += [AddBuffer(second, data[2:])] if flags & 2 else []
     return _runnable(variant, legacy, ops)
 
@@ -60,8 +61,8 @@ def hint_scenario(data: bytes) -> Scenario:
     variant, legacy, negotiate = _negotiated(data, HINT_DEVICE)
     pages = data[1] if len(data) > 1 else 0
     in_pfns = tuple(pfn for i, pfn in enumerate(POOL_PFNS[:4]) if pages >> i & 1)
-    ops: list[Operation] = [FillPage(pfn, POOL_FILL) for pfn in in_pfns]
-    return _runnable(variant, legacy, ops + [negotiate, AddBuffer(FREE_PAGE_VQ, data[2:], in_pfns)])
+    ops: list[Operation] = [negotiate, *(FillPage(pfn, POOL_FILL) for pfn in in_pfns)]
+    return _runnable(variant, legacy, ops + [AddBuffer(FREE_PAGE_VQ, data[2:], in_pfns)])
 
 
 def report_scenario(data: bytes) -> Scenario:
@@ -71,9 +72,9 @@ def report_scenario(data: bytes) -> Scenario:
     padded = data + bytes(max(0, 7 - len(data)))
     pages, fill = padded[1], padded[6]
     features = negotiate.features if pages & 16 else negotiate.features & ~(1 << Feature.PAGE_POISON)
-    ops: list[Operation] = [FillPage(pfn, fill) for pfn in POOL_PFNS]
     in_pfns = tuple(pfn for i, pfn in enumerate(POOL_PFNS[:4]) if pages >> i & 1)
-    ops += [Negotiate(features, int.from_bytes(padded[2:6], "little")), AddBuffer(REPORTING_VQ, b"", in_pfns)]
+    ops: list[Operation] = [Negotiate(features, int.from_bytes(padded[2:6], "little"))]
+    ops += [FillPage(pfn, fill) for pfn in POOL_PFNS] + [AddBuffer(REPORTING_VQ, b"", in_pfns)]
     return _runnable(variant, legacy, ops)
 
 

@@ -332,13 +332,9 @@ class BalloonDevice:
 
     def _pfns_in_ram(self, chain: Chain) -> list[int]:
         """PFNs of an inflate/deflate buffer; those outside RAM are skipped but still acked."""
-        pfns = []
-        for pfn in decode_pfns(chain.out_data, self.endian).pfns:
-            if self.ram.contains_pfn(pfn):
-                pfns.append(pfn)
-            else:
-                self.skipped_pfns.append(pfn)
-        return pfns
+        decoded, ram_pages = decode_pfns(chain.out_data, self.endian).pfns, self.ram.num_pages  # PFNs are unsigned
+        self.skipped_pfns += [pfn for pfn in decoded if pfn >= ram_pages]
+        return [pfn for pfn in decoded if pfn < ram_pages]
 
     def _inflate(self, index: int, chain: Chain) -> None:
         """Take pages into the balloon; their content becomes unchanged-or-zero (BAL-DEV-OP-1)."""

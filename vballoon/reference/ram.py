@@ -53,9 +53,6 @@ class GuestRam:
     def num_pages(self) -> int:
         return self.size >> PFN_SHIFT
 
-    def contains_pfn(self, pfn: int) -> bool:
-        return 0 <= pfn < self.num_pages
-
     def _check(self, addr: int, n: int) -> None:
         if n < 0 or addr < 0 or addr + n > self.size:
             raise MemoryAccessError(f"access of {n} bytes at {addr:#x} outside guest RAM of {self.size:#x} bytes")
