@@ -5,8 +5,11 @@ leaves behind in QEMU 7.2 is put back by hand (a stopped VM, the polling interva
 pool pages; guest-stats cannot be cleared, so after an input that sent statistics both sides are "primed"
 with an empty report, see `_prime_stats`). It restarts only after a crash or a hang.
 
-An input's operations are applied to both sides in order (qtest writes batched per operation); used
-entries are collected before each Negotiate/Reset and at the end, and QEMU is observed once, at the end,
+An input's operations are applied to both sides in order, the qtest requests between two QMP commands
+in one pipeline (config reads and the FEATURES_OK check ride it; their answers are taken when it goes out).
+QEMU processes free page hints in an iothread: where the reference breaks on a hint buffer, QEMU is given
+until its DEVICE_NEEDS_RESET shows before the next operation, which a working device would still process.
+Used entries are collected before each Negotiate/Reset and at the end, and QEMU is observed once, at the end,
 with as few round trips as possible: config fields, status, used rings of the queues the input touched,
 the pool pages when the input could change them, QMP query-balloon and guest-stats when the input could
 change them (otherwise they are not compared). `transport.compare` judges the final observation; the
