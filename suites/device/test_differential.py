@@ -174,4 +174,4 @@ def test_qemu_stays_within_the_reference(session: Session, device_variant: Devic
         named = "; ".join(f"{requirement} ({deviation_for(requirement, session.qemu.version).behaviour})"  # type: ignore[union-attr]
                           for requirement in sorted(deviations_seen))
         first = deviations_seen[min(deviations_seen)]
-        pytest.xfail(f"known deviations of QEMU {session.qemu.version_text} seen: {named}\nfirst seen: {first}")
+        pytest.xfail(f"known deviations of QEMU {'.'.join(map(str, session.qemu.version))} seen: {named}\nfirst seen: {first}")
