@@ -10,8 +10,8 @@ from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import FREE_PAGE_VQ
 from vballoon.spec import PAGE_SIZE, ConfigField, Feature, encode_pfns, encode_stats, feature_mask
-from vballoon.transport import (LOST_NEEDS_RESET, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Observation, ReadConfig,
-                                ReferenceTransport, Reset, Scenario, SetPollingInterval, SetTarget, Stop,
+from vballoon.transport import (LOST_NEEDS_RESET, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Observation,
+                                ReadConfig, ReferenceTransport, Reset, Scenario, SetPollingInterval, SetTarget, Stop,
                                 UsedLedger, WriteConfig, compare, scenario_from_json, scenario_to_json)
 
 EVERY_OPERATION = (Negotiate(feature_mask(Feature.STATS_VQ), 0xAA), SetTarget(3), WriteConfig(4, 2, 0x1234),
@@ -54,7 +54,7 @@ def test_stats_buffer_is_held_until_polling_starts_and_not_while_stopped() -> No
     assert reference.observe(reference.apply(Cont())).used == (("statsq", 0, 0),)
 
 
-@pytest.mark.req("BAL-DEV-FPH-1")
+@pytest.mark.req("BAL-DRV-FPH-1")
 def test_hint_buffers_wait_for_cont_and_a_reset_drops_them() -> None:
     """QEMU's hint iothread is blocked while the VM is stopped: the reference takes the same timing."""
     variant = Variant(free_page_hint=True)
@@ -68,8 +68,8 @@ def test_hint_buffers_wait_for_cont_and_a_reset_drops_them() -> None:
             reference.apply(op)
         observed = reference.observe(reference.apply(Cont()))
         assert observed.device_errors == errors, (
-            f"BAL-DEV-FPH-1: after {[type(op).__name__ for op in before_cont]} then cont: expected {errors} device "
-            f"error(s), got {observed.device_errors}")
+            f"BAL-DRV-FPH-1 (a 1-byte command id): after {[type(op).__name__ for op in before_cont]} then cont: "
+            f"expected {errors} device error(s), got {observed.device_errors}")
 
 
 def test_a_page_zeroed_without_licence_is_a_difference() -> None:
@@ -102,6 +102,9 @@ def test_a_virtio_error_without_needs_reset_is_named_as_the_lost_bit() -> None:
     no_error = dataclasses.replace(expected, device_errors=0)
     (plain,) = compare(reference, no_error, dataclasses.replace(no_error, status=0x0F))
     assert plain.requirement == "BAL-DEV-LEG-FEAT-1" and plain.what == "device status", f"got {plain}"
+    gained = dataclasses.replace(expected, status=0x0F)
+    (extra,) = compare(reference, gained, dataclasses.replace(gained, status=0x4F))
+    assert extra.requirement == "BAL-DEV-LEG-FEAT-1", f"a NEEDS_RESET the reference lacks is not a lost bit, got {extra}"
 
 
 def test_used_entries_may_come_late_only_while_stopped() -> None:

@@ -14,6 +14,17 @@ from pathlib import Path
 from vballoon.errors import VballoonError
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts, seconds and workers: 0 or less is a usage error, not a crash or an endless run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qemu", help="qemu-system-x86_64 to test (default: the one on PATH)")
     parser.add_argument("--kernel", help="guest bzImage (default: Debian's cloud kernel)")
@@ -159,34 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
     boot = bench.add_parser("boot", help="boot-to-SSH time and QEMU RSS, written to reports/bench-boot.json")
     _add_target_options(boot)
     boot.add_argument("--variant", default="pci-modern")
-    boot.add_argument("--boots", type=int, default=5)
+    boot.add_argument("--boots", type=positive_int, default=5)
     boot.add_argument("--out", default="reports/bench-boot.json")
     boot.set_defaults(handler=_cmd_bench_boot)
     balloon = bench.add_parser("balloon", help="inflate/deflate MiB/s and p50/p95 latency from QMP balloon to "
                                                "actual, written to reports/bench-balloon.json")
     _add_target_options(balloon)
     balloon.add_argument("--variant", default="pci-modern")
-    balloon.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256], metavar="MIB")
-    balloon.add_argument("--repeats", type=int, default=10)
+    balloon.add_argument("--sizes", type=positive_int, nargs="+", default=[16, 64, 256], metavar="MIB")
+    balloon.add_argument("--repeats", type=positive_int, default=10)
     balloon.add_argument("--out", default="reports/bench-balloon.json")
     balloon.set_defaults(handler=_cmd_bench_balloon)
     qtest = bench.add_parser("qtest", help="qtest transport operations per second, written to reports/bench-qtest.json")
     qtest.add_argument("--qemu", help="qemu-system-x86_64 to test (default: the one on PATH)")
-    qtest.add_argument("--operations", type=int, default=5000)
-    qtest.add_argument("--device-tests", type=int, default=5)
+    qtest.add_argument("--operations", type=positive_int, default=5000)
+    qtest.add_argument("--device-tests", type=positive_int, default=5)
     qtest.add_argument("--out", default="reports/bench-qtest.json")
     qtest.set_defaults(handler=_cmd_bench_qtest)
     bench_fuzz = bench.add_parser("fuzz", help="exec/s of every fuzz target, written to reports/bench-fuzz.json")
     bench_fuzz.add_argument("--qemu", help="qemu-system-x86_64 for the differential target (default: on PATH)")
-    bench_fuzz.add_argument("--time", type=int, default=20, help="seconds per target")
+    bench_fuzz.add_argument("--time", type=positive_int, default=20, help="seconds per target")
     bench_fuzz.add_argument("--out", default="reports/bench-fuzz.json")
     bench_fuzz.set_defaults(handler=_cmd_bench_fuzz)
 
     fuzz = commands.add_parser("fuzz", help="run fuzz targets (fuzz/fuzz_*.py); findings go to fuzz/crashes/")
     fuzz.add_argument("target", nargs="?", help="stats, pfn, hint, report, config, scenario, qemu_differential "
                                                 "or all")
-    fuzz.add_argument("--time", type=int, default=60, help="seconds per target")
-    fuzz.add_argument("--jobs", type=int, default=1, help="fuzzing processes per target")
+    fuzz.add_argument("--time", type=positive_int, default=60, help="seconds per target")
+    fuzz.add_argument("--jobs", type=positive_int, default=1, help="fuzzing processes per target")
     fuzz.add_argument("--qemu", help="qemu-system-x86_64 for the differential target (default: on PATH)")
     fuzz.add_argument("--crashes", default="fuzz/crashes", help="where findings are saved, per target")
     fuzz.add_argument("--report", action="store_true", help="write a JUnit report (every target unless one is named)")
@@ -203,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "written to reports/bench-matrix.json")
     _add_target_options(matrix)
     matrix.add_argument("--tiers", nargs="+", default=["quick", "standard"], choices=("quick", "standard", "full"))
-    matrix.add_argument("--jobs", type=int, default=2, help="pytest-xdist workers, as make conformance uses (default 2)")
+    matrix.add_argument("--jobs", type=positive_int, default=2,
+                        help="pytest-xdist workers, as make conformance uses (default 2)")
     matrix.add_argument("--out", default="reports/bench-matrix.json")
     matrix.set_defaults(handler=_cmd_bench_matrix)
     return parser

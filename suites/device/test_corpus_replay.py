@@ -24,7 +24,6 @@ FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
 INPUTS = crash_files(FUZZ / "crashes") + crash_files(FUZZ / "corpora")
 
 
-
 @pytest.mark.req("BAL-CFG-LEG-LE", "BAL-DRV-ACT-1", "BAL-DEV-LEG-ACT", "BAL-LEG-USED", "BAL-DEV-OP-1", "BAL-DEV-FPH-3",
                  "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-ST-1", "BAL-DEV-ST-2", "BAL-DEV-LEG-ST-FIRST",
                  "BAL-DEV-LEG-FEAT-1", "BAL-DEV-FPH-1")

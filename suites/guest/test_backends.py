@@ -136,7 +136,7 @@ def test_inflate_frees_host_memory_per_backend(backend_vm: Machine) -> None:
         f"BAL-DRV-OP-5 ({vm.variant.backend}): expected deflated pages to hold a new pattern, got {check!r}")
 
 
-@pytest.mark.req("BAL-DEV-FPR-1", "BAL-DRV-FPR-4", "BAL-DRV-FPR-5", "BAL-DRV-FPR-6")
+@pytest.mark.req("BAL-DEV-FPR-1", "BAL-DRV-FPR-3", "BAL-DRV-FPR-4", "BAL-DRV-FPR-5", "BAL-DRV-FPR-6")
 def test_reporting_frees_host_memory_per_backend(reporting_backend_vm: Machine) -> None:
     """After a hog dirties most of the guest's memory and exits, the pages the driver reports on its own leave
     QEMU's host memory on every backend, hugetlbfs included (whole 2 MiB reports); a pattern kept aside survives."""
@@ -155,4 +155,5 @@ def test_reporting_frees_host_memory_per_backend(reporting_backend_vm: Machine) 
           f"after {hog_mib} MiB freed and reported")
     verdict = run_hog(vm.ssh, f"verify {KEPT_PATTERN}")
     assert verdict.strip().endswith(" ok"), (
-        f"{vm.variant.backend}: expected the pattern kept in tmpfs to survive reporting, got {verdict!r}")
+        f"BAL-DRV-FPR-3 ({vm.variant.backend}): expected the pattern kept in tmpfs to survive reporting, "
+        f"got {verdict!r}")

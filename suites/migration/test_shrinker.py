@@ -75,7 +75,7 @@ def hinting_holds(machine: Machine, before: GuestMemory) -> GuestMemory:
                                                         f"{before.mem('MemFree')}")
 
 
-@pytest.mark.req("BAL-DRV-FPH-7", "BAL-DRV-FPH-9", "BAL-DRV-FPH-10")
+@pytest.mark.req("BAL-DRV-FPH-7", "BAL-DRV-FPH-9", "BAL-DRV-FPH-10", "BAL-DEV-FPH-6")
 def test_shrinker_returns_hinted_pages_under_pressure(migration_lab: MigrationLab) -> None:
     """While hinting holds the guest's free memory, a memhog larger than MemFree gets its memory with no OOM
     kill, before any DONE; after the cancel the guest is healthy and MemFree is back."""
@@ -117,7 +117,8 @@ def test_shrinker_returns_hinted_pages_under_pressure(migration_lab: MigrationLa
             f"MemFree to be free after it exited (hinted blocks released by the shrinker), got {returned}")
         migration.cancel()
     done = balloon_config_u32(source, ConfigField.FREE_PAGE_HINT_CMD_ID)
-    assert done == CMD_ID_DONE, f"cmd_id after migrate_cancel: expected DONE ({CMD_ID_DONE}), got {done:#x}"
+    assert done == CMD_ID_DONE, (
+        f"BAL-DEV-FPH-6: cmd_id after migrate_cancel: expected DONE ({CMD_ID_DONE}), got {done:#x}")
     floor = before.mem("MemFree") - MEM_FREE_TOLERANCE
     back = wait_for(lambda: (free := read_guest_memory(source.ssh).mem("MemFree")) >= floor and free,
                     MEMORY_BACK_DEADLINE_S, f"MemFree to be at least {floor} again after DONE (BAL-DRV-FPH-10)",

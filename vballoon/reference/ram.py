@@ -76,23 +76,23 @@ class GuestRam:
         self._check(addr, len(data))
         offset = addr & (PAGE_SIZE - 1)
         if offset + len(data) <= PAGE_SIZE:  # within one page
-            pfn = addr >> PFN_SHIFT
-            page = self._pages.get(pfn)
-            if page is None:
-                page = self._pages[pfn] = bytearray(PAGE_SIZE)
-            page[offset:offset + len(data)] = data
-            self._latitude.pop(pfn, None)
-            self._poison.pop(pfn, None)
+            self._written_page(addr >> PFN_SHIFT)[offset:offset + len(data)] = data
             return
         view = memoryview(bytes(data))
         while view:
             pfn, offset = divmod(addr, PAGE_SIZE)
             chunk = min(len(view), PAGE_SIZE - offset)
-            page = self._pages.setdefault(pfn, bytearray(PAGE_SIZE))
-            page[offset : offset + chunk] = view[:chunk]
-            self._latitude.pop(pfn, None)
-            self._poison.pop(pfn, None)
+            self._written_page(pfn)[offset : offset + chunk] = view[:chunk]
             addr, view = addr + chunk, view[chunk:]
+
+    def _written_page(self, pfn: int) -> bytearray:
+        """Page `pfn` about to be written: created if untouched, its content defined again (no latitude)."""
+        self._latitude.pop(pfn, None)
+        self._poison.pop(pfn, None)
+        page = self._pages.get(pfn)
+        if page is None:
+            page = self._pages[pfn] = bytearray(PAGE_SIZE)
+        return page
 
     def page(self, pfn: int) -> bytes:
         """The bytes of page `pfn` as the reference holds them (never modified by the device)."""
