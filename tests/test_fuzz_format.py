@@ -51,6 +51,13 @@ def test_invalid_operations_are_made_runnable_not_kept() -> None:
                                                SetPollingInterval(60)]
 
 
+def test_version_1_inputs_keep_their_meaning() -> None:
+    """Saved version-1 inputs replay as they were found: 0x00 and 0x0f were Negotiate there, 0x0e ReadConfig."""
+    data = bytes([1, 0, 0x00, 0b10, 0x0E, 4, 0x0F, 0])
+    assert decode(data, strict=True).operations == (Negotiate(0b10), ReadConfig(4, 1), Negotiate(0))
+    assert decode(bytes([2, 0, 0x00, 2, 0x0F, 4]), strict=True).operations == (ReadConfig(2, 1), ReadConfig(4, 1))
+
+
 def test_the_seeds_cover_every_operation() -> None:
     seeds = Path(__file__).resolve().parents[1] / "fuzz" / "corpora" / "scenario"
     kinds = {type(op).__name__ for seed in seeds.iterdir() for op in load(seed).operations}
@@ -62,7 +69,7 @@ def test_the_seeds_cover_every_operation() -> None:
     (bytes([VERSION + 1, 0]), f"format version {VERSION + 1} is newer than this vballoon reads"),
     (bytes([0, 0]), "format version 0 is unknown"),
     (bytes([VERSION, 0x40]), "reserved device bits"),
-    (bytes([VERSION, 0, 0x10, 0b10, 1, 2]), "operation 1 (at offset 2) ends 2 byte(s) short"),
+    (bytes([VERSION, 0, 0x1E, 0b10, 1, 2]), "operation 1 (at offset 2) ends 2 byte(s) short"),
 ])
 def test_strict_loading_names_the_file_and_the_problem(tmp_path: Path, data: bytes, problem: str) -> None:
     path = tmp_path / "input"
