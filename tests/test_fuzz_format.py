@@ -14,7 +14,7 @@ from vballoon.fuzz.reference_run import ReferenceTemplates, run_reference
 from vballoon.fuzz.targets import TARGETS
 from vballoon.matrix import Variant
 from vballoon.reference.device import INFLATEQ, STATSQ
-from vballoon.transport import OPERATIONS, AddBuffer, Negotiate, ReadConfig, SetPollingInterval, WriteConfig
+from vballoon.transport import OPERATIONS, AddBuffer, Negotiate, ReadConfig, SetPollingInterval, Stop, WriteConfig
 
 
 @settings(max_examples=300, deadline=None)
@@ -52,9 +52,10 @@ def test_invalid_operations_are_made_runnable_not_kept() -> None:
 
 
 def test_version_1_inputs_keep_their_meaning() -> None:
-    """Saved version-1 inputs replay as they were found: 0x00 and 0x0f were Negotiate there, 0x0e ReadConfig."""
-    data = bytes([1, 0, 0x00, 0b10, 0x0E, 4, 0x0F, 0])
-    assert decode(data, strict=True).operations == (Negotiate(0b10), ReadConfig(4, 1), Negotiate(0))
+    """Saved version-1 inputs replay as they were found: 0x00 and 0x0f were Negotiate there, 0x0e ReadConfig,
+    0x07 Stop."""
+    data = bytes([1, 0, 0x00, 0b10, 0x0E, 4, 0x07, 0x0F, 0])
+    assert decode(data, strict=True).operations == (Negotiate(0b10), ReadConfig(4, 1), Stop(), Negotiate(0))
     assert decode(bytes([2, 0, 0x00, 2, 0x0F, 4]), strict=True).operations == (ReadConfig(2, 1), ReadConfig(4, 1))
 
 
@@ -70,6 +71,7 @@ def test_the_seeds_cover_every_operation() -> None:
     (bytes([0, 0]), "format version 0 is unknown"),
     (bytes([VERSION, 0x40]), "reserved device bits"),
     (bytes([VERSION, 0, 0x1E, 0b10, 1, 2]), "operation 1 (at offset 2) ends 2 byte(s) short"),
+    (bytes([VERSION, 0, 0x0E, 0b10, 0x41]), "host request code 4 at offset 4"),
 ])
 def test_strict_loading_names_the_file_and_the_problem(tmp_path: Path, data: bytes, problem: str) -> None:
     path = tmp_path / "input"
