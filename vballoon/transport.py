@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, Union
+from typing import Any, Collection, Mapping, Protocol, Sequence, Union
 
 from vballoon.errors import DecodeError, QemuError, UsageError
 from vballoon.matrix import Variant
@@ -358,11 +358,13 @@ class QemuTransport:
             self.recording.append(f"# QMP: {json.dumps({'execute': name, 'arguments': arguments})}")
         return self.machine.qmp.try_command(name, **arguments)[1]
 
-    def apply(self, op: Operation) -> tuple[int | None, str | None]:
+    def apply(self, op: Operation, queues: Collection[str] | None = None) -> tuple[int | None, str | None]:
+        """Run `op` on QEMU; a Negotiate sets up `queues` (default: all), the others ignore it."""
         balloon, driver = self.balloon, self.balloon.driver
         if isinstance(op, Negotiate):
+            indices = None if queues is None else [self.queue_names.index(name) for name in queues]
             try:
-                balloon.start(driver_features(op.features, balloon.offered), op.poison_val)
+                balloon.start(driver_features(op.features, balloon.offered), op.poison_val, indices)
             except QemuError as error:
                 return None, str(error)
         elif isinstance(op, SetTarget):

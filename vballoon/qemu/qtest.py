@@ -192,11 +192,13 @@ class QtestClient:
         deadline = time.monotonic() + self.timeout
         replies: list[str] = []
         while len(replies) < len(batch):  # QEMU answers only what was asked: every line that came is ours or IRQ
-            replies += [line for line in self._complete_lines(batch[len(replies)], deadline)
-                        if not self._note_irq(line)]
+            replies += self._complete_lines(batch[len(replies)], deadline)
         if len(replies) > len(batch):
             raise QemuError(f"qtest: unexpected line {replies[len(batch)]!r} after the answers to a batch")
-        answers = [self._check(request, reply) for request, reply in zip(batch, replies, strict=True)]
+        if replies.count("OK") == len(replies):  # only writes: nothing to parse
+            answers = [""] * len(replies)
+        else:
+            answers = [self._check(request, reply) for request, reply in zip(batch, replies, strict=True)]
         for position, receive in deferred:
             receive(int(answers[position], 16))
         return answers
@@ -208,7 +210,8 @@ class QtestClient:
         raise QtestCommandError(f"qtest {_short(request)!r}: QEMU answered {reply!r}")
 
     def _complete_lines(self, request: str, deadline: float | None) -> list[str]:
-        """Every whole line received, waiting for at least one; with deadline None, [] when none is ready now."""
+        """Every whole line received but IRQ lines (noted in `irq_levels`), waiting for at least one line; with
+        deadline None, [] when none is ready now."""
         while b"\n" not in self._received:
             remaining = 0.0 if deadline is None else deadline - time.monotonic()
             if deadline is not None and remaining <= 0:
@@ -229,9 +232,10 @@ class QtestClient:
                                 f"{self._on_failure()}")
             self._received += chunk
         end = self._received.rindex(b"\n")
+        irq = b"IRQ" in self._received[:end]
         lines = self._received[:end].decode("ascii", errors="replace").split("\n")
         del self._received[: end + 1]
-        return lines
+        return [line for line in lines if not self._note_irq(line)] if irq else lines
 
     def _note_irq(self, line: str) -> bool:
         if not line.startswith("IRQ"):
@@ -349,12 +353,11 @@ class QtestClient:
         """Take in IRQ notifications that have already arrived; the current `irq_levels`."""
         self.flush()
         while self._received or self._ready():
-            lines = self._complete_lines("(waiting for IRQ lines)", None)
-            if not lines:
+            lines = self._complete_lines("(waiting for IRQ lines)", None)  # IRQ lines are noted, not returned
+            if lines:
+                raise QemuError(f"qtest: unexpected line {lines[0]!r} while no request was pending")
+            if not self._ready():
                 break
-            for line in lines:
-                if not self._note_irq(line):
-                    raise QemuError(f"qtest: unexpected line {line!r} while no request was pending")
         return dict(self.irq_levels)
 
     def _ready(self) -> bool:

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
@@ -297,15 +297,19 @@ class QtestBalloon:
             index += 1
         return index
 
-    def start(self, features: int | None = None, poison_val: int | None = None) -> int:
+    def start(self, features: int | None = None, poison_val: int | None = None,
+              queues: Collection[int] | None = None) -> int:
         """Negotiate (default: `default_features`), write `poison_val` if given (before DRIVER_OK, as
-        BAL-DRV-PP-2 asks), set up every queue QEMU created, DRIVER_OK; the features."""
+        BAL-DRV-PP-2 asks), set up the queues (default: every queue QEMU created; a driver configures the
+        virtqueues it uses, virtio 4.1.5.1.3), DRIVER_OK; the features."""
         features = self.default_features if features is None else features
         if not self.driver.negotiate(features):
             raise QemuError(f"the device refused FEATURES_OK for {features:#x}; status {self.driver.status:#x}")
         indices = [INFLATEQ, DEFLATEQ, STATSQ] + [self.queue_index(f) for f in (Feature.FREE_PAGE_HINT,
                                                                                 Feature.REPORTING)
                                                   if has_feature(self.offered, f)]
+        if queues is not None:
+            indices = [index for index in indices if index in queues]
         for index in indices:
             if index not in self._queue_sizes:
                 self._queue_sizes[index] = self.driver.interface.queue_max_size(index)
