@@ -124,6 +124,9 @@ class Reset:
 
 Operation = Union[Negotiate, SetTarget, WriteConfig, ReadConfig, AddBuffer, FillPage, SetPollingInterval, Stop,
                   Cont, Reset]
+HostRequest = Union[SetTarget, SetPollingInterval, Stop, Cont]
+HOST_REQUESTS = (SetTarget, SetPollingInterval, Stop, Cont)
+"""The operations a host makes: QMP commands on QEMU."""
 OPERATIONS: dict[str, type] = {cls.__name__: cls for cls in (Negotiate, SetTarget, WriteConfig, ReadConfig,
                                                               AddBuffer, FillPage, SetPollingInterval, Stop,
                                                               Cont, Reset)}
@@ -317,7 +320,7 @@ class QemuTransport:
 
     def __init__(self, qemu: QemuBinary, variant: Variant, legacy_interface: bool, log_dir: Path,
                  record: bool = True) -> None:
-        self.machine = QtestMachine(qemu, variant, log_dir, memory_mib=MEMORY_MIB, keep_qtest_transcript=record)
+        self.machine = QtestMachine(qemu, variant, log_dir, memory_mib=MEMORY_MIB, keep_transcripts=record)
         self.legacy_interface = legacy_interface
         self.queue_names = reference_properties(variant, legacy_interface, self.machine.ram_bytes).queue_names
         self.record = record
@@ -352,11 +355,25 @@ class QemuTransport:
     def config_size(self) -> int:
         return config_size(self.balloon.offered)
 
-    def _qmp(self, name: str, **arguments: Any) -> str | None:
-        """A QMP command, noted in the reproducer; QEMU's error text if it refused."""
+    def _qmp_command(self, op: HostRequest) -> tuple[str, dict[str, Any]]:
+        """The QMP command (name, arguments) of a host request."""
+        if isinstance(op, SetTarget):
+            return "balloon", {"value": self.machine.ram_bytes - op.pages_below_ram * PAGE_SIZE}
+        if isinstance(op, SetPollingInterval):
+            return "qom-set", {"path": self.machine.balloon_qom_path(), "property": "guest-stats-polling-interval",
+                               "value": op.seconds}
+        return type(op).__name__.lower(), {}
+
+    def apply_host_requests(self, ops: Sequence[HostRequest]) -> list[tuple[int | None, str | None]]:
+        """Host requests sent over QMP together (QEMU runs them in order), noted in the reproducer; the answer
+        of each: QEMU's error text if it refused."""
+        commands = [self._qmp_command(op) for op in ops]
+        if commands:
+            self.machine.qtest.flush()  # what the driver did before reaches QEMU first
         if self.record:
-            self.recording.append(f"# QMP: {json.dumps({'execute': name, 'arguments': arguments})}")
-        return self.machine.qmp.try_command(name, **arguments)[1]
+            self.recording += [f"# QMP: {json.dumps({'execute': name, 'arguments': arguments})}"
+                               for name, arguments in commands]
+        return [(None, error) for _, error in self.machine.qmp.try_commands(commands)] if commands else []
 
     def apply(self, op: Operation, queues: Collection[str] | None = None) -> tuple[int | None, str | None]:
         """Run `op` on QEMU; a Negotiate sets up `queues` (default: all), the others ignore it."""
@@ -367,8 +384,8 @@ class QemuTransport:
                 balloon.start(driver_features(op.features, balloon.offered), op.poison_val, indices)
             except QemuError as error:
                 return None, str(error)
-        elif isinstance(op, SetTarget):
-            return None, self._qmp("balloon", value=self.machine.ram_bytes - op.pages_below_ram * PAGE_SIZE)
+        elif isinstance(op, HOST_REQUESTS):
+            return self.apply_host_requests([op])[0]
         elif isinstance(op, WriteConfig):
             driver.config_write(op.offset, op.width, op.value)
         elif isinstance(op, ReadConfig):
@@ -378,11 +395,6 @@ class QemuTransport:
             balloon.post(self.queue_names.index(op.queue), [op.out] if op.out else [], in_buffers)
         elif isinstance(op, FillPage):
             self.machine.qtest.memset(op.pfn << PFN_SHIFT, PAGE_SIZE, op.byte)
-        elif isinstance(op, SetPollingInterval):
-            return None, self._qmp("qom-set", path=self.machine.balloon_qom_path(),
-                                   property="guest-stats-polling-interval", value=op.seconds)
-        elif isinstance(op, (Stop, Cont)):
-            return None, self._qmp(type(op).__name__.lower())
         elif isinstance(op, Reset):
             driver.reset()
         return None, None

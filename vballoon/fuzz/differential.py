@@ -24,10 +24,10 @@ devices no longer agree on state after it), so that input yields no finding.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
@@ -41,10 +41,10 @@ from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.requirements import deviation_for
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField, Status, decode_pfns
-from vballoon.transport import (POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, FillPage, Negotiate,
-                                Observation, Operation, QemuTransport, ReadConfig, ReferenceTransport, Reset,
-                                Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare,
-                                touches_poison_val)
+from vballoon.transport import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, FillPage,
+                                HostRequest, Negotiate, Observation, Operation, QemuTransport, ReadConfig,
+                                ReferenceTransport, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig,
+                                compare, touches_poison_val)
 from vballoon.fuzz.format import offered_balloon_features
 from vballoon.fuzz.reference_run import TEMPLATES, step_reference
 from vballoon.virtqueue import SplitLayout, VirtqueueError
@@ -55,8 +55,9 @@ QTEST_DEADLINE = 5.0
 USED_DEADLINE = 0.25
 """How long QEMU gets to use what the reference used (the free page queue runs in an iothread)."""
 PAGE_CHANGING_QUEUES = (INFLATEQ, FREE_PAGE_VQ, REPORTING_VQ)
-QMP_OPERATIONS = (SetTarget, SetPollingInterval, Stop, Cont)
-"""Operations sent over QMP: the qtest writes batched before them are flushed first."""
+EVENT_RATE_LIMIT = 1.0
+"""Seconds: QEMU emits at most one BALLOON_CHANGE per second (monitor_qapi_event_conf, monitor/monitor.c)
+and the last one held back at the end of the period, on the virtual clock, which stops while the VM does."""
 STATS_PRIMING_BUFFER = bytes(1)
 """A stats buffer without a whole entry: every statistic unset, last-update set (QEMU 7.2 and reference)."""
 
@@ -153,6 +154,9 @@ class QemuDifferential:
         self._stats_primed = False
         self._restore: set[str] = set()
         """What the previous input changed that a device reset leaves behind."""
+        self._recent_events: list[tuple[float, int]] = []
+        """(time, actual) of the BALLOON_CHANGE events earlier inputs and restores caused: QEMU's rate limit can
+        hold one back and emit it (the last of its period) during a later input."""
 
     def __enter__(self) -> "QemuDifferential":
         return self
@@ -197,22 +201,24 @@ class QemuDifferential:
     # --- between inputs ----------------------------------------------------------------------
 
     def _restore_device(self, transport: QemuTransport) -> None:
-        """Bring the long-lived QEMU back to what a fresh one shows (see the module docstring)."""
+        """Bring the long-lived QEMU back to what a fresh one shows (see the module docstring). Called within
+        the input's pipeline: the qtest part goes out with the input's first requests."""
         machine, driver = transport.machine, transport.balloon.driver
         if "polling" in self._restore:
             machine.qmp.command("qom-set", path=machine.balloon_qom_path(), property="guest-stats-polling-interval",
                                 value=0)
         if "target" in self._restore:
             machine.qmp.command("balloon", value=machine.ram_bytes)
-        with machine.qtest.pipeline():
-            driver.reset()
-            driver.allocator.next = FIRST_FREE_RAM
-            machine.qtest.memset(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE, 0)
-            if "actual" in self._restore:
-                driver.config_write(ConfigField.ACTUAL, 4, 0)
-            # A read makes QEMU rebuild its config image; writes apply the whole stale image otherwise.
-            driver.config_read(ConfigField.NUM_PAGES, 4)
+        driver.reset()
+        driver.allocator.next = FIRST_FREE_RAM
+        machine.qtest.memset(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE, 0)
+        if "actual" in self._restore:
+            driver.config_write(ConfigField.ACTUAL, 4, 0)
+            self._recent_events.append((time.monotonic(), machine.ram_bytes))
+        # A read makes QEMU rebuild its config image; writes apply the whole stale image otherwise.
+        machine.qtest.read_later(lambda: driver.config_read(ConfigField.NUM_PAGES, 4), lambda _: None)
         if "running" in self._restore:  # after the reset: hint buffers held while stopped are gone, not used late
+            machine.qtest.flush()
             machine.qmp.command("cont")
         if "stats" in self._restore:
             self._prime_stats_on_qemu(transport)
@@ -233,8 +239,7 @@ class QemuDifferential:
 
     def _prime_stats_on_qemu(self, transport: QemuTransport) -> None:
         for op in self._priming():
-            with transport.machine.qtest.pipeline():
-                transport.apply(op, (STATSQ,))
+            transport.apply(op, (STATSQ,))
             if isinstance(op, Reset):
                 transport.balloon.driver.reset()
                 transport.balloon.driver.allocator.next = FIRST_FREE_RAM
@@ -246,13 +251,18 @@ class QemuDifferential:
         if (scenario.variant, scenario.legacy_interface) != (self.variant, self.legacy_interface):
             raise ValueError(f"scenario for {scenario.variant.name}, executor for {self.variant.name}")
         transport = self.transport
+        fresh = transport is None
         if transport is None:
             transport = self._start()
-        else:
-            try:
-                self._restore_device(transport)
-            except QemuError as error:
-                return self._lost(f"restoring the device between inputs: {error}")
+        with transport.machine.qtest.pipeline():  # round trips only for answers, and before QMP commands
+            if not fresh:
+                try:
+                    self._restore_device(transport)
+                except QemuError as error:
+                    return self._lost(f"restoring the device between inputs: {error}")
+            return self._run(transport, scenario)
+
+    def _run(self, transport: QemuTransport, scenario: Scenario) -> Finding | None:
         priming = tuple(self._priming()) if self._stats_primed else ()
         reference, _ = TEMPLATES.start(self.variant, self.legacy_interface, priming, transport.machine.ram_bytes)
         expected_side, got_side = _Side(), _Side()
@@ -261,9 +271,11 @@ class QemuDifferential:
         touched: set[str] = set()
         try:
             ops = scenario.operations
-            for over_qmp, group in itertools.groupby(enumerate(ops), key=lambda item: isinstance(item[1],
-                                                                                                  QMP_OPERATIONS)):
-                with contextlib.nullcontext() if over_qmp else transport.machine.qtest.pipeline():
+            for host, group in itertools.groupby(enumerate(ops), key=lambda item: isinstance(item[1], HOST_REQUESTS)):
+                if host:
+                    self._run_host_requests(transport, reference, [op for _, op in group], expected_side, got_side)
+                    continue
+                with transport.machine.qtest.pipeline():
                     for position, op in group:
                         if isinstance(op, (Negotiate, Reset)):
                             self._collect(transport, reference, touched, expected_side, got_side, used_deadline)
@@ -273,9 +285,8 @@ class QemuDifferential:
                         self._apply_on_qemu(transport, op, got_side, _queues_used(ops, position + 1))
                         if isinstance(op, AddBuffer):
                             touched.add(op.queue)
-                        hint_op = isinstance(op, Cont) or isinstance(op, AddBuffer) and op.queue == FREE_PAGE_VQ
-                        if hint_op and len(reference.device.errors) > errors_before:
-                            self._await_hint_error(transport)
+                            if op.queue == FREE_PAGE_VQ and len(reference.device.errors) > errors_before:
+                                self._await_hint_error(transport)
                         self._note_restore(op)
             self._collect(transport, reference, touched, expected_side, got_side, used_deadline)
             got = self._observe(transport, scenario, got_side)
@@ -291,8 +302,27 @@ class QemuDifferential:
         except QemuError as error:
             return self._lost(str(error))
         expected = dataclasses.replace(reference.observe((None, None)), used=tuple(expected_side.used))
+        now = time.monotonic()
+        self._recent_events = [(when, value) for when, value in self._recent_events
+                               if when > now - EVENT_RATE_LIMIT * 2] + [(now, value) for value in expected.events]
         got = self._unobserved_as_expected(scenario, got, expected)
         return self._judge(reference, expected, got, scenario, expected_side, got_side)
+
+    def _run_host_requests(self, transport: QemuTransport, reference: ReferenceTransport, ops: list[HostRequest],
+                           expected_side: _Side, got_side: _Side) -> None:
+        """Host requests in a row: QEMU gets them over QMP together, up to a Cont after which the reference broke
+        on a held hint buffer (QEMU then gets until its own error shows, see `_await_hint_error`)."""
+        batch: list[HostRequest] = []
+        for op in ops:
+            errors_before = len(reference.device.errors)
+            expected_side.answers.append(step_reference(reference, op))
+            batch.append(op)
+            self._note_restore(op)
+            if isinstance(op, Cont) and len(reference.device.errors) > errors_before:
+                got_side.answers += transport.apply_host_requests(batch)
+                batch = []
+                self._await_hint_error(transport)
+        got_side.answers += transport.apply_host_requests(batch)
 
     def _await_hint_error(self, transport: QemuTransport) -> None:
         """The reference broke on a hint buffer: let QEMU's iothread reach the same virtio_error before the next
@@ -343,7 +373,7 @@ class QemuDifferential:
         refused the same host requests as the reference, its polling interval, target and run state are the
         reference's (each restore is a QMP round trip of 500-800 µs)."""
         if any((want[1] is None) != (have[1] is None) for op, want, have in
-               zip(ops, expected_side.answers, got_side.answers, strict=True) if isinstance(op, QMP_OPERATIONS)):
+               zip(ops, expected_side.answers, got_side.answers, strict=True) if isinstance(op, HOST_REQUESTS)):
             return
         device = reference.device
         fresh = {"polling": not device.stats.poll_interval, "target": not device.num_pages,
@@ -406,8 +436,9 @@ class QemuDifferential:
             guest_stats = transport.balloon.guest_stats()
             stats, stats_updated = tuple(sorted(guest_stats["stats"].items())), bool(guest_stats["last-update"])
         events = tuple(e["data"]["actual"] for e in machine.qmp.take_events("BALLOON_CHANGE"))
-        if events and events[0] == machine.ram_bytes:
-            events = events[1:]  # the restore's actual = 0, rate-limited into this input
+        stale = {value for when, value in self._recent_events if when > time.monotonic() - EVENT_RATE_LIMIT * 2}
+        while events and events[0] in stale:  # an earlier input's event, held back by the rate limit until now
+            events = events[1:]
         return Observation(alive=True, status=status, config=config, used=tuple(side.used),
                            query_balloon=query_balloon, guest_stats=stats, stats_updated=stats_updated, events=events,
                            pages=pages, device_errors=len(DEVICE_ERROR_LINE.findall(stderr)))

@@ -54,7 +54,7 @@ from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
-from vballoon.transport import (MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate,
+from vballoon.transport import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate,
                                 Operation, ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig,
                                 reference_properties)
 
@@ -65,12 +65,11 @@ INTERFACES: tuple[tuple[str, bool], ...] = (("modern", False), ("transitional", 
 """(transport, legacy_interface) by the device byte's bits 0-1."""
 
 
-class HostRequest:
+class HostRequestKind:
     """The opcode kind of the host requests (QMP on QEMU); its argument picks one of `HOST_REQUESTS`."""
 
 
-HOST_REQUESTS: tuple[type, ...] = (SetTarget, SetPollingInterval, Stop, Cont)
-KINDS: tuple[type, ...] = (ReadConfig, HostRequest, WriteConfig, ReadConfig, AddBuffer, FillPage, AddBuffer,
+KINDS: tuple[type, ...] = (ReadConfig, HostRequestKind, WriteConfig, ReadConfig, AddBuffer, FillPage, AddBuffer,
                            WriteConfig, AddBuffer, Reset, AddBuffer, AddBuffer, AddBuffer, WriteConfig, Negotiate,
                            ReadConfig)
 """Operation kind by opcode low nibble: buffers and config accesses get most codes, host requests (a QMP round
@@ -254,7 +253,7 @@ def _operation(reader: _Reader, state: ScenarioState, kinds: tuple[type, ...]) -
     """One operation as written, before `ScenarioState.admit`; `kinds`: the version's opcode table."""
     opcode = reader.u8()
     cls, arg = kinds[opcode & 0x0F], opcode >> 4
-    if cls is HostRequest:
+    if cls is HostRequestKind:
         if arg >= len(HOST_REQUESTS) and reader.strict:
             raise DecodeError(f"host request code {arg} at offset {reader.pos - 1}")
         cls = HOST_REQUESTS[arg % len(HOST_REQUESTS)]
@@ -364,7 +363,7 @@ def _pfn_bytes(pfn: int) -> bytes:
 
 def _encode_operation(op: Operation, state: ScenarioState) -> bytes:
     if type(op) in HOST_REQUESTS:
-        kind = KINDS.index(HostRequest) | HOST_REQUESTS.index(type(op)) << 4
+        kind = KINDS.index(HostRequestKind) | HOST_REQUESTS.index(type(op)) << 4
     else:
         kind = KINDS.index(type(op))
     if isinstance(op, Negotiate):

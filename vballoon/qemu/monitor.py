@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
@@ -27,13 +27,13 @@ T = TypeVar("T")
 
 
 class Monitor:
-    """A synchronous QMP session that records a transcript."""
+    """A synchronous QMP session that records a transcript (unless given None for it)."""
 
-    def __init__(self, socket_path: Path, transcript: Path, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: Path, transcript: Path | None, timeout: float = 30.0) -> None:
         self._loop = asyncio.new_event_loop()
         self._qmp = QMPClient("vballoon")
         self._timeout = timeout
-        self._transcript = transcript.open("a", encoding="utf-8")
+        self._transcript = transcript.open("a", encoding="utf-8") if transcript else None
         self._events: list[Event] = []
         self._run(self._qmp.start_server(str(socket_path)), None)
 
@@ -59,13 +59,8 @@ class Monitor:
         self._record("command", {"execute": name, "arguments": arguments})
         try:
             reply = self._run(self._qmp.execute(name, arguments), self._timeout)
-        except ExecuteError as error:
-            description = error.error.error.desc
-            self._record("error", {"execute": name, "error": description})
-            raise QemuError(f"QMP {name}: {description}") from None
         except (QMPError, OSError, asyncio.TimeoutError, EOFError) as error:
-            self._record("error", {"execute": name, "error": repr(error)})
-            raise QemuError(f"QMP {name}: connection failed ({error!r})") from None
+            raise QemuError(f"QMP {name}: {self._record_failure(name, error)}") from None
         self._record("return", reply)
         return reply
 
@@ -75,6 +70,37 @@ class Monitor:
             return self.command(name, **arguments), None
         except QemuError as error:
             return None, str(error).removeprefix(f"QMP {name}: ")
+
+    def try_commands(self, commands: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[Any, str | None]]:
+        """`try_command` for each of `commands`, all sent at once: QEMU runs them one after another and
+        answers in order, and the wait is one instead of one per command (about 100 µs less each)."""
+        for name, arguments in commands:
+            self._record("command", {"execute": name, "arguments": arguments})
+
+        async def all_of() -> list[Any]:
+            return await asyncio.gather(*(self._qmp.execute(name, arguments) for name, arguments in commands),
+                                        return_exceptions=True)
+
+        try:
+            replies = self._run(all_of(), self._timeout)
+        except asyncio.TimeoutError as error:
+            replies = [error] * len(commands)
+        answers: list[tuple[Any, str | None]] = []
+        for (name, _), reply in zip(commands, replies, strict=True):
+            if isinstance(reply, (QMPError, OSError, asyncio.TimeoutError, EOFError)):
+                answers.append((None, self._record_failure(name, reply)))
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                self._record("return", reply)
+                answers.append((reply, None))
+        return answers
+
+    def _record_failure(self, name: str, error: BaseException) -> str:
+        """QEMU's error text for a refused command, or what broke the connection; recorded."""
+        text = error.error.error.desc if isinstance(error, ExecuteError) else f"connection failed ({error!r})"
+        self._record("error", {"execute": name, "error": text})
+        return text
 
     def events(self) -> list[Event]:
         """Events received so far (kept; `take_events` drains them)."""
@@ -109,7 +135,8 @@ class Monitor:
             pass  # QEMU may already be gone; the socket is closed either way
         finally:
             self._loop.close()
-            self._transcript.close()
+            if self._transcript is not None:
+                self._transcript.close()
 
     def _pump(self) -> None:
         try:
@@ -122,7 +149,7 @@ class Monitor:
             self._events.append(event)
 
     def _record(self, kind: str, payload: Any) -> None:
-        if self._transcript.closed:
+        if self._transcript is None or self._transcript.closed:
             return
         line = {"t": round(time.time(), 3), "kind": kind, "data": payload}
         self._transcript.write(json.dumps(line, default=str) + "\n")

@@ -80,6 +80,7 @@ class QtestClient:
         self.base64 = self._probe_base64()
 
     def close(self) -> None:
+        self._unsent, self._unsent_reads = [], []  # nothing goes out on a closed connection
         self._socket.close()
         if self._transcript is not None:
             self._transcript.close()

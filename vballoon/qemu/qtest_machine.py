@@ -62,11 +62,12 @@ class QtestMachine:
     """QEMU with one virtio-balloon-pci device, a qtest connection and QMP, but no guest."""
 
     def __init__(self, qemu: QemuBinary, variant: Variant, log_dir: Path, memory_mib: int = 128,
-                 trace_events: tuple[str, ...] = (), qtest_timeout: float = 10.0, keep_qtest_transcript: bool = True
+                 trace_events: tuple[str, ...] = (), qtest_timeout: float = 10.0, keep_transcripts: bool = True
                  ) -> None:
         self.qemu = qemu
-        self.keep_qtest_transcript = keep_qtest_transcript
-        """Off for long runs of many inputs (a fuzzer's QEMU): the transcript would grow without end."""
+        self.keep_transcripts = keep_transcripts
+        """The qtest and QMP transcripts; off for long runs of many inputs (a fuzzer's QEMU): they would grow
+        without end, and writing them costs more than a qtest round trip per input."""
         self.variant = variant
         self.memory_mib = memory_mib
         self.trace_events = trace_events
@@ -120,7 +121,7 @@ class QtestMachine:
         try:
             listener.bind(str(qtest_socket))
             listener.listen(1)
-            self._qmp = Monitor(qmp_socket, self.logs.qmp)
+            self._qmp = Monitor(qmp_socket, self.logs.qmp if self.keep_transcripts else None)
             args = self.command_line(firmware, qtest_socket, qmp_socket)
             self.logs.command_line.write_text(" ".join(args) + "\n")
             with self.logs.stderr.open("ab") as stderr:
@@ -129,7 +130,7 @@ class QtestMachine:
             connection = self._accept(listener)
         finally:
             listener.close()
-        transcript = self.qtest_transcript.open("w", encoding="ascii") if self.keep_qtest_transcript else None
+        transcript = self.qtest_transcript.open("w", encoding="ascii") if self.keep_transcripts else None
         try:
             self._qtest = QtestClient(connection, self.exit_description, timeout=self.qtest_timeout,
                                       clock_step_supported=self.accel == "qtest", transcript=transcript)
@@ -218,8 +219,9 @@ class QtestMachine:
     # --- health ----------------------------------------------------------
 
     def describe_logs(self) -> str:
-        return (f"QEMU stderr {self.logs.stderr}, QMP transcript {self.logs.qmp}, "
-                f"qtest transcript {self.qtest_transcript}, command line {self.logs.command_line}")
+        transcripts = (f", QMP transcript {self.logs.qmp}, qtest transcript {self.qtest_transcript}"
+                       if self.keep_transcripts else "")
+        return f"QEMU stderr {self.logs.stderr}{transcripts}, command line {self.logs.command_line}"
 
     def check_alive(self) -> None:
         """Raise QemuError if QEMU has exited."""
