@@ -38,13 +38,12 @@ from vballoon.qemu.machine import QemuBinary, tail
 from vballoon.qemu.qtest import QtestExpectationFailed
 from vballoon.qemu.qtest_machine import CRASH_LINE, DEVICE_ERROR_LINE
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
-from vballoon.reference.device import FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
+from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.requirements import deviation_for
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField, Status, decode_pfns
-from vballoon.transport import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, FillPage,
-                                HostRequest, Negotiate, Observation, Operation, QemuTransport, ReadConfig,
-                                ReferenceTransport, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig,
-                                compare, touches_poison_val)
+from vballoon.transport import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, HostRequest,
+                                Negotiate, Observation, Operation, QemuTransport, ReadConfig, ReferenceTransport, Reset,
+                                Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare, touches_poison_val)
 from vballoon.fuzz.format import offered_balloon_features
 from vballoon.fuzz.reference_run import TEMPLATES, step_reference
 from vballoon.virtqueue import SplitLayout, VirtqueueError
@@ -54,7 +53,6 @@ QTEST_DEADLINE = 5.0
 """A qtest request QEMU has not answered by then is a hang."""
 USED_DEADLINE = 0.25
 """How long QEMU gets to use what the reference used (the free page queue runs in an iothread)."""
-PAGE_CHANGING_QUEUES = (INFLATEQ, FREE_PAGE_VQ, REPORTING_VQ)
 EVENT_RATE_LIMIT = 1.0
 """Seconds: QEMU emits at most one BALLOON_CHANGE per second (monitor_qapi_event_conf, monitor/monitor.c)
 and the last one held back at the end of the period, on the virtual clock, which stops while the VM does."""
@@ -113,6 +111,18 @@ def _gives_away_driver_memory(scenario: Scenario) -> bool:
             if any(pfn in region for pfn in pfns for region in DRIVER_MEMORY):
                 return True
     return False
+
+
+def _pool_pages_named(ops: tuple[Operation, ...]) -> list[int]:
+    """The pool pages a buffer of `ops` names (a PFN of inflateq or deflateq, or a device-writable page): the only
+    ones a device has the address of, so the only ones observed (each read is 4 KiB over qtest)."""
+    named: set[int] = set()
+    for op in ops:
+        if isinstance(op, AddBuffer):
+            named.update(op.in_pfns)
+            if op.queue in (INFLATEQ, DEFLATEQ):
+                named.update(decode_pfns(op.out).pfns)
+    return sorted(pfn for pfn in named if POOL_FIRST_PFN <= pfn < POOL_FIRST_PFN + POOL_PAGES)
 
 
 def _queues_used(ops: tuple[Operation, ...], start: int) -> frozenset[str]:
@@ -282,7 +292,8 @@ class QemuDifferential:
                             touched = set()
                         errors_before = len(reference.device.errors)
                         expected_side.answers.append(step_reference(reference, op))
-                        self._apply_on_qemu(transport, op, got_side, _queues_used(ops, position + 1))
+                        self._apply_on_qemu(transport, op, got_side,
+                                        _queues_used(ops, position + 1) if isinstance(op, Negotiate) else ())
                         if isinstance(op, AddBuffer):
                             touched.add(op.queue)
                             if op.queue == FREE_PAGE_VQ and len(reference.device.errors) > errors_before:
@@ -422,13 +433,10 @@ class QemuDifferential:
         if crash or machine.process is None or machine.process.poll() is not None:
             return Observation(alive=False, crash=crash or (machine.exit_description(),))
         ops = scenario.operations
-        read_pool = any(isinstance(op, FillPage) or isinstance(op, AddBuffer) and op.queue in PAGE_CHANGING_QUEUES
-                        for op in ops)
-        status, config, pool = machine.qtest.batched(lambda: (driver.status, b"".join(
+        named = _pool_pages_named(ops)
+        status, config, pages = machine.qtest.batched(lambda: (driver.status, b"".join(
             driver.config_read(offset, 4).to_bytes(4, "little") for offset in range(0, transport.config_size, 4)),
-            machine.qtest.read(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE) if read_pool else b""))
-        pages = tuple((POOL_FIRST_PFN + i, pool[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(POOL_PAGES)) \
-            if read_pool else ()
+            tuple((pfn, machine.qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in named)))
         query_balloon, stats, stats_updated = 0, (), False
         if _writes_actual(ops):
             query_balloon = int(machine.qmp.command("query-balloon")["actual"])
