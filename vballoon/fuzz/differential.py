@@ -164,9 +164,9 @@ class QemuDifferential:
         self._stats_primed = False
         self._restore: set[str] = set()
         """What the previous input changed that a device reset leaves behind."""
-        self._recent_events: list[tuple[float, int]] = []
-        """(time, actual) of the BALLOON_CHANGE events earlier inputs and restores caused: QEMU's rate limit can
-        hold one back and emit it (the last of its period) during a later input."""
+        self._recent_events: dict[int, float] = {}
+        """actual -> when an earlier input or a restore last caused a BALLOON_CHANGE with it: QEMU's rate limit
+        can hold one back and emit it (the last of its period) during a later input."""
 
     def __enter__(self) -> "QemuDifferential":
         return self
@@ -224,7 +224,7 @@ class QemuDifferential:
         machine.qtest.memset(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE, 0)
         if "actual" in self._restore:
             driver.config_write(ConfigField.ACTUAL, 4, 0)
-            self._recent_events.append((time.monotonic(), machine.ram_bytes))
+            self._recent_events[machine.ram_bytes] = time.monotonic()
         # A read makes QEMU rebuild its config image; writes apply the whole stale image otherwise.
         machine.qtest.read_later(lambda: driver.config_read(ConfigField.NUM_PAGES, 4), lambda _: None)
         if "running" in self._restore:  # after the reset: hint buffers held while stopped are gone, not used late
@@ -314,8 +314,8 @@ class QemuDifferential:
             return self._lost(str(error))
         expected = dataclasses.replace(reference.observe((None, None)), used=tuple(expected_side.used))
         now = time.monotonic()
-        self._recent_events = [(when, value) for when, value in self._recent_events
-                               if when > now - EVENT_RATE_LIMIT * 2] + [(now, value) for value in expected.events]
+        self._recent_events = {value: when for value, when in self._recent_events.items()
+                               if when > now - EVENT_RATE_LIMIT * 2} | dict.fromkeys(expected.events, now)
         got = self._unobserved_as_expected(scenario, got, expected)
         return self._judge(reference, expected, got, scenario, expected_side, got_side)
 
@@ -444,7 +444,7 @@ class QemuDifferential:
             guest_stats = transport.balloon.guest_stats()
             stats, stats_updated = tuple(sorted(guest_stats["stats"].items())), bool(guest_stats["last-update"])
         events = tuple(e["data"]["actual"] for e in machine.qmp.take_events("BALLOON_CHANGE"))
-        stale = {value for when, value in self._recent_events if when > time.monotonic() - EVENT_RATE_LIMIT * 2}
+        stale = {value for value, when in self._recent_events.items() if when > time.monotonic() - EVENT_RATE_LIMIT * 2}
         while events and events[0] in stale:  # an earlier input's event, held back by the rate limit until now
             events = events[1:]
         return Observation(alive=True, status=status, config=config, used=tuple(side.used),
