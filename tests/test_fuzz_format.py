@@ -13,7 +13,7 @@ from vballoon.fuzz.format import MAX_OPERATIONS, VERSION, ScenarioState, decode,
 from vballoon.fuzz.reference_run import ReferenceTemplates, run_reference
 from vballoon.fuzz.targets import TARGETS
 from vballoon.matrix import Variant
-from vballoon.reference.device import INFLATEQ, STATSQ
+from vballoon.reference.device import INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.transport import OPERATIONS, AddBuffer, Negotiate, ReadConfig, SetPollingInterval, Stop, WriteConfig
 
 
@@ -49,6 +49,17 @@ def test_invalid_operations_are_made_runnable_not_kept() -> None:
     assert [state.admit(op) for op in ops] == [None, Negotiate(0b10010), ReadConfig(4, 4), WriteConfig(4, 4, 1),
                                                AddBuffer(STATSQ, b"\0"), AddBuffer(INFLATEQ, b"\0"),
                                                SetPollingInterval(60)]
+
+
+def test_a_queue_gets_no_more_descriptors_than_it_holds() -> None:
+    """The driver takes used descriptors back only at a negotiation: reporting_vq (32 entries in QEMU 7.2)
+    admits 32 one-page reports, inflateq 100 buffers."""
+    state = ScenarioState(Variant(free_page_reporting=True))
+    state.admit(Negotiate(0b111111))
+    reports = [state.admit(AddBuffer(REPORTING_VQ, b"", (0x800,))) for _ in range(40)]
+    inflates = [state.admit(AddBuffer(INFLATEQ, b"\0\0\0\0")) for _ in range(120)]
+    assert reports.count(None) == 8 and inflates.count(None) == 20, (
+        f"admitted {40 - reports.count(None)} reports (expected 32), {120 - inflates.count(None)} inflates (100)")
 
 
 def test_version_1_inputs_keep_their_meaning() -> None:

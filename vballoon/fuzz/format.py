@@ -52,7 +52,7 @@ from pathlib import Path
 
 from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
-from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
+from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, QUEUE_MAX_SIZES, REPORTING_VQ, STATSQ
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
 from vballoon.transport import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate,
                                 Operation, ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig,
@@ -85,7 +85,8 @@ MAX_OPERATIONS = 64
 MAX_OUT_BYTES = 4096
 MAX_IN_PAGES = 4
 QUEUE_DESCRIPTORS = 100
-"""Descriptors a scenario may put on one queue between negotiations (QEMU's smallest queue holds 128)."""
+"""Descriptors a scenario may put on one queue between negotiations, at most the queue's size (the driver takes
+back used descriptors only at a negotiation): 100, or 32 on reporting_vq (`QUEUE_MAX_SIZES`)."""
 MIN_POLL_SECONDS = 60
 """Positive polling intervals below this become this: within one input the reference's clock stands still."""
 RAW_PFN = 0xFF
@@ -176,7 +177,7 @@ class ScenarioState:
             in_pfns = () if op.queue == STATSQ else tuple(filter(writable_page, op.in_pfns))
             op = AddBuffer(op.queue, op.out if op.out or in_pfns else bytes(1), in_pfns)
             used = self.descriptors.get(op.queue, 0) + bool(op.out) + len(op.in_pfns)
-            if used > QUEUE_DESCRIPTORS:
+            if used > min(QUEUE_DESCRIPTORS, QUEUE_MAX_SIZES[op.queue]):
                 return None
             self.descriptors[op.queue] = used
         elif isinstance(op, SetPollingInterval) and 0 < op.seconds < MIN_POLL_SECONDS:
