@@ -125,6 +125,19 @@ class Reset:
 Operation = Union[Negotiate, SetTarget, WriteConfig, ReadConfig, AddBuffer, FillPage, SetPollingInterval, Stop,
                   Cont, Reset]
 HostRequest = Union[SetTarget, SetPollingInterval, Stop, Cont]
+
+
+def queues_used(ops: Sequence[Operation], start: int) -> frozenset[str]:
+    """The queues `ops` add buffers to from `start` up to the next Negotiate or Reset: the ones a Negotiate just
+    before `start` needs to set up (a device never touches a queue without buffers)."""
+    used = set()
+    for op in ops[start:]:
+        if isinstance(op, (Negotiate, Reset)):
+            break
+        if isinstance(op, AddBuffer):
+            used.add(op.queue)
+    return frozenset(used)
+
 HOST_REQUESTS = (SetTarget, SetPollingInterval, Stop, Cont)
 """The operations a host makes: QMP commands on QEMU."""
 OPERATIONS: dict[str, type] = {cls.__name__: cls for cls in (Negotiate, SetTarget, WriteConfig, ReadConfig,
@@ -258,7 +271,8 @@ class ReferenceTransport:
         leaves them unprocessed. The spec lets a device use a buffer whenever it likes, so the reference
         takes QEMU's timing."""
 
-    def apply(self, op: Operation) -> tuple[int | None, str | None]:
+    def apply(self, op: Operation, queues: Collection[str] | None = None) -> tuple[int | None, str | None]:
+        """Run `op` on the reference; a Negotiate sets up `queues` (default: all), the others ignore it."""
         device = self.device
         try:
             if isinstance(op, (Negotiate, Reset)):
@@ -267,7 +281,7 @@ class ReferenceTransport:
                 features = driver_features(op.features, device.offered_features)
                 self.poison_val_unspecified = has_feature(features, Feature.PAGE_POISON) and op.poison_val is None
                 self.poison_val_was_unspecified |= self.poison_val_unspecified
-                if not self.driver.negotiate(features, poison_val=op.poison_val):
+                if not self.driver.negotiate(features, poison_val=op.poison_val, queues=queues):
                     return None, f"FEATURES_OK refused for {features:#x}"
             elif isinstance(op, SetTarget):
                 device.set_target(device.properties.ram_size - op.pages_below_ram * PAGE_SIZE)

@@ -43,7 +43,8 @@ from vballoon.requirements import deviation_for
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField, Status, decode_pfns
 from vballoon.transport import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, HostRequest,
                                 Negotiate, Observation, Operation, QemuTransport, ReadConfig, ReferenceTransport, Reset,
-                                Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare, touches_poison_val)
+                                Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare, queues_used,
+                                touches_poison_val)
 from vballoon.fuzz.format import offered_balloon_features
 from vballoon.fuzz.reference_run import TEMPLATES, step_reference
 from vballoon.virtqueue import SplitLayout, VirtqueueError
@@ -125,18 +126,6 @@ def _pool_pages_named(ops: tuple[Operation, ...]) -> list[int]:
     return sorted(pfn for pfn in named if POOL_FIRST_PFN <= pfn < POOL_FIRST_PFN + POOL_PAGES)
 
 
-def _queues_used(ops: tuple[Operation, ...], start: int) -> frozenset[str]:
-    """The queues `ops` add buffers to from `start` up to the next Negotiate or Reset: the ones a Negotiate
-    just before `start` sets up on QEMU (15 qtest lines each, and QEMU never touches a queue without buffers)."""
-    used = set()
-    for op in ops[start:]:
-        if isinstance(op, (Negotiate, Reset)):
-            break
-        if isinstance(op, AddBuffer):
-            used.add(op.queue)
-    return frozenset(used)
-
-
 def _fingerprint(observation: Observation) -> dict[str, Any]:
     """An observation as JSON-friendly data for a sidecar (pages by their distinct bytes)."""
     data = dataclasses.asdict(observation)
@@ -214,11 +203,7 @@ class QemuDifferential:
         """Bring the long-lived QEMU back to what a fresh one shows (see the module docstring). Called within
         the input's pipeline: the qtest part goes out with the input's first requests."""
         machine, driver = transport.machine, transport.balloon.driver
-        if "polling" in self._restore:
-            machine.qmp.command("qom-set", path=machine.balloon_qom_path(), property="guest-stats-polling-interval",
-                                value=0)
-        if "target" in self._restore:
-            machine.qmp.command("balloon", value=machine.ram_bytes)
+        self._restore_host_state(transport, [])  # what the last input's observation did not already restore
         driver.reset()
         driver.allocator.next = FIRST_FREE_RAM
         machine.qtest.memset(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE, 0)
@@ -233,9 +218,28 @@ class QemuDifferential:
         if "stats" in self._restore:
             self._prime_stats_on_qemu(transport)
             self._stats_primed = True
-        machine.qmp.take_events()
+        machine.qmp.drop_events()
         self._restore = set()
         self._stderr_offset = self._stderr_size()
+
+    def _restore_host_state(self, transport: QemuTransport, queries: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Send `queries` over QMP, then put the polling interval and the target back if the input changed them,
+        all in one batch; the queries' results. QemuError if QEMU refused or did not answer."""
+        machine = transport.machine
+        restores: list[tuple[str, dict[str, Any]]] = []
+        if "polling" in self._restore:
+            restores.append(("qom-set", {"path": machine.balloon_qom_path(), "property": "guest-stats-polling-interval",
+                                         "value": 0}))
+        if "target" in self._restore:
+            restores.append(("balloon", {"value": machine.ram_bytes}))
+        if not queries and not restores:
+            return []
+        answers = machine.qmp.try_commands(queries + restores)
+        for (name, _), (_, error) in zip(queries + restores, answers, strict=True):
+            if error is not None:
+                raise QemuError(f"QMP {name}: {error}")
+        self._restore -= {"polling", "target"}
+        return [result for result, _ in answers[:len(queries)]]
 
     def _priming(self) -> list[Operation]:
         """Operations that leave every statistic unset and last-update set, then reset the device.
@@ -291,17 +295,17 @@ class QemuDifferential:
                             self._collect(transport, reference, touched, expected_side, got_side, used_deadline)
                             touched = set()
                         errors_before = len(reference.device.errors)
-                        expected_side.answers.append(step_reference(reference, op))
-                        self._apply_on_qemu(transport, op, got_side,
-                                        _queues_used(ops, position + 1) if isinstance(op, Negotiate) else ())
+                        queues = queues_used(ops, position + 1) if isinstance(op, Negotiate) else None
+                        expected_side.answers.append(step_reference(reference, op, queues))
+                        self._apply_on_qemu(transport, op, got_side, queues)
                         if isinstance(op, AddBuffer):
                             touched.add(op.queue)
                             if op.queue == FREE_PAGE_VQ and len(reference.device.errors) > errors_before:
                                 self._await_hint_error(transport)
                         self._note_restore(op)
             self._collect(transport, reference, touched, expected_side, got_side, used_deadline)
-            got = self._observe(transport, scenario, got_side)
             self._keep_fresh_host_state(reference, ops, expected_side, got_side)
+            got = self._observe(transport, scenario, got_side)
         except VirtqueueError as error:  # QEMU's used ring names a chain the driver never made available
             if _gives_away_driver_memory(scenario):
                 return None  # the input ballooned its own rings: QEMU zeroed them, as it may (BAL-DRV-OP-6)
@@ -354,7 +358,8 @@ class QemuDifferential:
         return bool(transport.balloon.driver.status & Status.DEVICE_NEEDS_RESET)
 
     @staticmethod
-    def _apply_on_qemu(transport: QemuTransport, op: Operation, side: _Side, queues: Collection[str]) -> None:
+    def _apply_on_qemu(transport: QemuTransport, op: Operation, side: _Side,
+                       queues: Collection[str] | None) -> None:
         """`transport.apply(op, queues)`, its answer noted in `side`; a config read rides the pipeline instead
         of costing a round trip, its answer filled in when the batch goes out."""
         if not isinstance(op, ReadConfig):
@@ -438,10 +443,14 @@ class QemuDifferential:
             driver.config_read(offset, 4).to_bytes(4, "little") for offset in range(0, transport.config_size, 4)),
             tuple((pfn, machine.qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in named)))
         query_balloon, stats, stats_updated = 0, (), False
+        queries = ([("query-balloon", {})] if _writes_actual(ops) else []) + ([
+            ("qom-get", {"path": machine.balloon_qom_path(), "property": "guest-stats"})] if _may_change_stats(ops)
+            else [])
+        results = iter(self._restore_host_state(transport, queries))
         if _writes_actual(ops):
-            query_balloon = int(machine.qmp.command("query-balloon")["actual"])
+            query_balloon = int(next(results)["actual"])
         if _may_change_stats(ops):
-            guest_stats = transport.balloon.guest_stats()
+            guest_stats = next(results)
             stats, stats_updated = tuple(sorted(guest_stats["stats"].items())), bool(guest_stats["last-update"])
         events = tuple(e["data"]["actual"] for e in machine.qmp.take_events("BALLOON_CHANGE"))
         stale = {value for value, when in self._recent_events.items() if when > time.monotonic() - EVENT_RATE_LIMIT * 2}

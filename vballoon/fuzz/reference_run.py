@@ -19,10 +19,11 @@ import pickle
 import traceback
 from collections import OrderedDict
 from enum import Enum
-from typing import Any, Hashable
+from typing import Any, Collection, Hashable
 
 from vballoon.matrix import Variant
-from vballoon.transport import MEMORY_MIB, FillPage, Negotiate, Operation, ReferenceTransport, Scenario
+from vballoon.transport import (MEMORY_MIB, FillPage, Negotiate, Operation, ReferenceTransport, Scenario,
+                                queues_used)
 
 TEMPLATE_CAPACITY = 256
 """Setups kept (a template is 30-70 KiB: the ring pages and the pool pages written)."""
@@ -39,9 +40,11 @@ class ReferenceFault(Exception):
         self.detail = detail
 
 
-def step_reference(reference: ReferenceTransport, op: Operation) -> tuple[int | None, str | None]:
-    """Apply one operation, then fire due timers while the machine runs (as QEMU's main loop does)."""
-    result = reference.apply(op)
+def step_reference(reference: ReferenceTransport, op: Operation,
+                   queues: Collection[str] | None = None) -> tuple[int | None, str | None]:
+    """Apply one operation (a Negotiate setting up `queues`, default all), then fire due timers while the
+    machine runs (as QEMU's main loop does)."""
+    result = reference.apply(op, queues)
     if reference.running:
         reference.device.run_timers()
     return result
@@ -126,7 +129,7 @@ class ReferenceTemplates:
             self._kept.move_to_end(key)
             return kept.copy(), list(kept.answers)
         reference = ReferenceTransport(variant, legacy_interface, ram_bytes)
-        answers = run_checked(reference, setup)
+        answers = run_checked(reference, setup, to_the_end=False)
         if setup and key in self._seen:
             self._kept[key] = _Template(reference, answers)
             del self._seen[key]
@@ -141,13 +144,17 @@ class ReferenceTemplates:
 TEMPLATES = ReferenceTemplates()
 
 
-def run_checked(reference: ReferenceTransport, operations: tuple[Operation, ...],
-                first: int = 1) -> list[tuple[int | None, str | None]]:
-    """Apply `operations` (numbered from `first`) checking the contract after each; their answers."""
+def run_checked(reference: ReferenceTransport, operations: tuple[Operation, ...], first: int = 1,
+                to_the_end: bool = True) -> list[tuple[int | None, str | None]]:
+    """Apply `operations` (numbered from `first`) checking the contract after each; their answers. When they run
+    `to_the_end` of their scenario, a Negotiate sets up only the queues used before the next one; otherwise
+    (a template's setup) every queue."""
     answers = []
     for number, op in enumerate(operations, first):
+        lazy = to_the_end and isinstance(op, Negotiate)
+        queues = queues_used(operations, number - first + 1) if lazy else None
         try:
-            answers.append(step_reference(reference, op))
+            answers.append(step_reference(reference, op, queues))
         except Exception as error:  # noqa: BLE001 - anything escaping is the finding
             raise ReferenceFault("reference-exception", number, op,
                                  "".join(traceback.format_exception_only(error)).strip()) from error

@@ -130,6 +130,12 @@ class Monitor:
         self._events = [e for e in self._events if e not in taken]
         return taken
 
+    def drop_events(self) -> None:
+        """Forget the events received so far, without reading more from the socket."""
+        for message in self._qmp.events.clear():
+            self._record("event", dict(message))
+        self._events = []
+
     def wait_event(self, name: str, timeout: float, match: Callable[[Event], bool] = lambda e: True) -> Event:
         """Wait until an event `name` satisfying `match` arrives; it is removed from the queue."""
 

@@ -9,7 +9,7 @@ guest would.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 from vballoon.errors import UsageError
 from vballoon.reference.device import FREE_PAGE_VQ, REPORTING_VQ, STATSQ, BalloonDevice
@@ -51,12 +51,15 @@ class ReferenceDriver:
         """Pages from here up hold rings and buffers; tests balloon pages below it."""
         return self.region_start >> PFN_SHIFT
 
-    def negotiate(self, features: int | None = None, *, poison_val: int | None = None) -> bool:
+    def negotiate(self, features: int | None = None, *, poison_val: int | None = None,
+                  queues: Collection[str] | None = None) -> bool:
         """Run the init sequence; True if FEATURES_OK stuck and DRIVER_OK is set.
 
         By default accepts every offered balloon and ring feature except
         MUST_TELL_HOST.  `poison_val` is written before DRIVER_OK
-        (BAL-DRV-PP-2) when PAGE_POISON is accepted.
+        (BAL-DRV-PP-2) when PAGE_POISON is accepted. Sets up the virtqueues
+        named in `queues` (default: all; a driver configures the ones it
+        uses, virtio 4.1.5.1.3), each at the same place either way.
         """
         device = self.device
         device.write_status(0)
@@ -78,11 +81,15 @@ class ReferenceDriver:
         for index, queue in enumerate(device.queues):
             if modern:
                 layout = SplitLayout.modern(queue.size, self._next_ring)
-                device.set_queue_rings(index, layout.desc, layout.avail, layout.used)
             else:
                 layout = SplitLayout.legacy(queue.size, -(-self._next_ring // PAGE_SIZE) * PAGE_SIZE)
-                device.set_queue_pfn(index, layout.desc >> PFN_SHIFT)
             self._next_ring = layout.used + SplitLayout.used_bytes(queue.size)
+            if queues is not None and queue.name not in queues:
+                continue
+            if modern:
+                device.set_queue_rings(index, layout.desc, layout.avail, layout.used)
+            else:
+                device.set_queue_pfn(index, layout.desc >> PFN_SHIFT)
             self.queues[queue.name] = SplitDriverQueue(
                 device.ram, layout, event_idx=has_feature(features, Feature.EVENT_IDX), endian=device.endian
             )
