@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vballoon.errors import DecodeError
-from vballoon.fuzz.format import MAX_OPERATIONS, VERSION, ScenarioState, decode, encode, load
+from vballoon.fuzz.format import MAX_HOST_REQUESTS, MAX_OPERATIONS, VERSION, ScenarioState, decode, encode, load
 from vballoon.fuzz.reference_run import ReferenceTemplates, run_reference
 from vballoon.fuzz.targets import TARGETS
 from vballoon.matrix import Variant
@@ -60,6 +60,13 @@ def test_a_queue_gets_no_more_descriptors_than_it_holds() -> None:
     inflates = [state.admit(AddBuffer(INFLATEQ, b"\0\0\0\0")) for _ in range(120)]
     assert reports.count(None) == 8 and inflates.count(None) == 20, (
         f"admitted {40 - reports.count(None)} reports (expected 32), {120 - inflates.count(None)} inflates (100)")
+
+
+def test_a_scenario_holds_at_most_eight_host_requests() -> None:
+    """Version 2 drops host requests past MAX_HOST_REQUESTS (each is a QMP round trip); version 1 kept them all."""
+    polls = bytes([0x11, 2]) * 12  # host request 1: SetPollingInterval(1), twelve times
+    assert decode(bytes([2, 0]) + polls).operations == (SetPollingInterval(60),) * MAX_HOST_REQUESTS
+    assert len(decode(bytes([1, 0]) + bytes([0x06, 2]) * 12).operations) == 12
 
 
 def test_version_1_inputs_keep_their_meaning() -> None:

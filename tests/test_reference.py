@@ -414,6 +414,19 @@ def test_short_cmd_id_buffer_is_a_device_error():
     assert "incorrect cmd id" in device.errors[0]
 
 
+@pytest.mark.req("BAL-DRV-ST-1")
+def test_a_broken_device_gives_no_held_stats_buffer_back():
+    """QEMU 7.2's stats poll timer still fires after virtio_error, but virtqueue_fill drops the element."""
+    clock = FakeClock()
+    device, driver = ready(clock, free_page_hint=True)
+    device.set_stats_polling_interval(5)
+    driver.send_stats([(StatTag.MEMFREE, 10)])
+    driver.send("free_page_vq", b"\x01")  # a 1-byte command id: virtio_error
+    clock.now += 5
+    device.run_timers()
+    assert device.broken and driver.collect("statsq") == [], "a broken device used the held stats buffer"
+
+
 @pytest.mark.req("BAL-DEV-FPH-2")
 def test_ids_not_reused_before_stop_after_wrap():
     device, driver = hinting_device()

@@ -87,6 +87,9 @@ MAX_IN_PAGES = 4
 QUEUE_DESCRIPTORS = 100
 """Descriptors a scenario may put on one queue between negotiations, at most the queue's size (the driver takes
 back used descriptors only at a negotiation): 100, or 32 on reporting_vq (`QUEUE_MAX_SIZES`)."""
+MAX_HOST_REQUESTS = 8
+"""Host requests a version-2 scenario holds; later ones are dropped. Each is a QMP round trip on QEMU (0.4-0.8 ms,
+20-40 qtest accesses), and libFuzzer's repeat mutations grew inputs of 30 polling interval changes in a row."""
 MIN_POLL_SECONDS = 60
 """Positive polling intervals below this become this: within one input the reference's clock stands still."""
 RAW_PFN = 0xFF
@@ -150,6 +153,8 @@ class ScenarioState:
     variant: Variant
     features: int | None = None
     descriptors: dict[str, int] = field(default_factory=dict)
+    host_requests_left: int | None = MAX_HOST_REQUESTS
+    """Host requests still admitted (None: no limit, as in version 1)."""
 
     def usable_queues(self) -> tuple[str, ...]:
         """Queues a buffer may go to now (none before Negotiate)."""
@@ -180,7 +185,11 @@ class ScenarioState:
             if used > min(QUEUE_DESCRIPTORS, QUEUE_MAX_SIZES[op.queue]):
                 return None
             self.descriptors[op.queue] = used
-        elif isinstance(op, SetPollingInterval) and 0 < op.seconds < MIN_POLL_SECONDS:
+        if isinstance(op, HOST_REQUESTS) and self.host_requests_left is not None:
+            if not self.host_requests_left:
+                return None
+            self.host_requests_left -= 1
+        if isinstance(op, SetPollingInterval) and 0 < op.seconds < MIN_POLL_SECONDS:
             op = SetPollingInterval(MIN_POLL_SECONDS)
         return op
 
@@ -310,7 +319,7 @@ def decode(data: bytes, *, strict: bool = False) -> Scenario:
     if strict and device & DEVICE_RESERVED_BITS:
         raise DecodeError(f"reserved device bits set in {device:#04x}")
     variant, legacy_interface = device_from_byte(device)
-    state = ScenarioState(variant)
+    state = ScenarioState(variant, host_requests_left=None if kinds is VERSION_1_KINDS else MAX_HOST_REQUESTS)
     operations: list[Operation] = []
     while reader.more() and len(operations) < MAX_OPERATIONS:
         start = reader.pos

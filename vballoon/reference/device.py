@@ -323,9 +323,13 @@ class BalloonDevice:
             self._fail(str(exc))
 
     def _complete(self, index: int, chain: Chain) -> None:
-        """Return a buffer with used length 0, as QEMU does (the driver ignores it: BAL-LEG-USED)."""
+        """Return a buffer with used length 0, as QEMU does (the driver ignores it: BAL-LEG-USED). A broken
+        device returns nothing: QEMU 7.2's virtqueue_fill drops the element once virtio_error has run (the stats
+        poll timer still fires)."""
         ring = self.queues[index].ring
         assert ring is not None
+        if self.broken:
+            return
         ring.push(chain.head, 0)
         if ring.should_interrupt():
             self.queues[index].interrupts += 1
