@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Any, Collection, Hashable
 
 from vballoon.matrix import Variant
-from vballoon.transport import (MEMORY_MIB, FillPage, Negotiate, Operation, ReferenceTransport, Scenario,
+from vballoon.transport import (MEMORY_MIB, FillPage, Negotiate, Operation, ReferenceTransport, Reset, Scenario,
                                 queues_used)
 
 TEMPLATE_CAPACITY = 256
@@ -120,16 +120,18 @@ class ReferenceTemplates:
         """Setups run once: pickling costs more than a setup that never comes back."""
 
     def start(self, variant: Variant, legacy_interface: bool, setup: tuple[Operation, ...],
-              ram_bytes: int = MEMORY_MIB << 20) -> tuple[ReferenceTransport, list[tuple[int | None, str | None]]]:
-        """A reference that has run `setup` and the answer of each setup operation; `ReferenceFault` (and
-        nothing kept) when the setup itself breaks the reference's contract."""
-        key = (variant, legacy_interface, ram_bytes, setup)
+              ram_bytes: int = MEMORY_MIB << 20, queues: frozenset[str] | None = None
+              ) -> tuple[ReferenceTransport, list[tuple[int | None, str | None]]]:
+        """A reference that has run `setup`, its Negotiate setting up `queues` (None: every queue), and the answer
+        of each setup operation; `ReferenceFault` (and nothing kept) when the setup itself breaks the reference's
+        contract."""
+        key = (variant, legacy_interface, ram_bytes, setup, queues)
         kept = self._kept.get(key)
         if kept is not None:
             self._kept.move_to_end(key)
             return kept.copy(), list(kept.answers)
         reference = ReferenceTransport(variant, legacy_interface, ram_bytes)
-        answers = run_checked(reference, setup, to_the_end=False)
+        answers = run_checked(reference, setup, queues_after=queues)
         if setup and key in self._seen:
             self._kept[key] = _Template(reference, answers)
             del self._seen[key]
@@ -145,14 +147,19 @@ TEMPLATES = ReferenceTemplates()
 
 
 def run_checked(reference: ReferenceTransport, operations: tuple[Operation, ...], first: int = 1,
-                to_the_end: bool = True) -> list[tuple[int | None, str | None]]:
-    """Apply `operations` (numbered from `first`) checking the contract after each; their answers. When they run
-    `to_the_end` of their scenario, a Negotiate sets up only the queues used before the next one; otherwise
-    (a template's setup) every queue."""
+                queues_after: frozenset[str] | None = frozenset()) -> list[tuple[int | None, str | None]]:
+    """Apply `operations` (numbered from `first`) checking the contract after each; their answers. A Negotiate
+    sets up the queues used before the next one: in `operations`, and for the last one also `queues_after`,
+    the ones used after `operations` (None: unknown, so every queue)."""
     answers = []
-    for number, op in enumerate(operations, first):
-        lazy = to_the_end and isinstance(op, Negotiate)
-        queues = queues_used(operations, number - first + 1) if lazy else None
+    last_negotiation = max((i for i, op in enumerate(operations) if isinstance(op, (Negotiate, Reset))), default=-1)
+    for index, op in enumerate(operations):
+        number = first + index
+        queues = None
+        if isinstance(op, Negotiate):
+            queues = queues_used(operations, index + 1)
+            if index == last_negotiation:
+                queues = None if queues_after is None else queues | queues_after
         try:
             answers.append(step_reference(reference, op, queues))
         except Exception as error:  # noqa: BLE001 - anything escaping is the finding
@@ -171,6 +178,7 @@ def run_reference(scenario: Scenario, templates: ReferenceTemplates = TEMPLATES)
     """Run `scenario` on the reference (from a template of its setup); `ReferenceFault` when its contract breaks."""
     ops = scenario.operations
     setup = setup_length(ops)
-    reference, _ = templates.start(scenario.variant, scenario.legacy_interface, ops[:setup])
+    reference, _ = templates.start(scenario.variant, scenario.legacy_interface, ops[:setup],
+                                   queues=queues_used(ops, setup))
     run_checked(reference, ops[setup:], setup + 1)
     return reference
