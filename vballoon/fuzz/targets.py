@@ -15,8 +15,8 @@ from vballoon.fuzz.format import (VERSION, decode, device_byte, device_from_byte
                                   ScenarioState)
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
-from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature, encode_cmd_id, encode_pfns,
-                           encode_stats)
+from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature, decode_pfns, encode_cmd_id,
+                           encode_pfns, encode_stats)
 from vballoon.transport import (POOL_PFNS, AddBuffer, FillPage, Negotiate, Operation, ReadConfig, Reset, Scenario,
                                 WriteConfig)
 
@@ -47,11 +47,13 @@ def stats_scenario(data: bytes) -> Scenario:
 
 
 def pfn_scenario(data: bytes) -> Scenario:
-    """byte 0: device; byte 1: bit 0 deflate instead of inflate, bit 1 then the other queue; the rest: PFNs."""
+    """byte 0: device; byte 1: bit 0 deflate instead of inflate, bit 1 then the other queue; the rest: PFNs (the
+    pool pages among them filled first)."""
     variant, legacy, negotiate = _negotiated(data)
     flags = data[1] if len(data) > 1 else 0
     first, second = (DEFLATEQ, INFLATEQ) if flags & 1 else (INFLATEQ, DEFLATEQ)
-    ops: list[Operation] = [negotiate, *(FillPage(pfn, POOL_FILL) for pfn in POOL_PFNS), AddBuffer(first, data[2:])]
+    named = sorted(set(decode_pfns(data[2:]).pfns).intersection(POOL_PFNS))  # the pool pages the buffer names
+    ops: list[Operation] = [negotiate, *(FillPage(pfn, POOL_FILL) for pfn in named), AddBuffer(first, data[2:])]
     ops += [AddBuffer(second, data[2:])] if flags & 2 else []
     return _runnable(variant, legacy, ops)
 
@@ -67,14 +69,14 @@ def hint_scenario(data: bytes) -> Scenario:
 
 def report_scenario(data: bytes) -> Scenario:
     """byte 0: device (reporting forced on); byte 1: pool pages reported (bit i: page i), bit 4: with PAGE_POISON;
-    bytes 2-5: poison_val; byte 6: the pool's fill byte."""
+    bytes 2-5: poison_val; byte 6: the reported pages' fill byte."""
     variant, legacy, negotiate = _negotiated(data, REPORTING_DEVICE)
     padded = data + bytes(max(0, 7 - len(data)))
     pages, fill = padded[1], padded[6]
     features = negotiate.features if pages & 16 else negotiate.features & ~(1 << Feature.PAGE_POISON)
     in_pfns = tuple(pfn for i, pfn in enumerate(POOL_PFNS[:4]) if pages >> i & 1)
     ops: list[Operation] = [Negotiate(features, int.from_bytes(padded[2:6], "little"))]
-    ops += [FillPage(pfn, fill) for pfn in POOL_PFNS] + [AddBuffer(REPORTING_VQ, b"", in_pfns)]
+    ops += [FillPage(pfn, fill) for pfn in in_pfns] + [AddBuffer(REPORTING_VQ, b"", in_pfns)]
     return _runnable(variant, legacy, ops)
 
 
