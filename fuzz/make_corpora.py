@@ -115,9 +115,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "hint": {f"cmd-id-{i:#x}": dev + b"\1" + encode_cmd_id(i) for i in (CMD_ID_STOP, CMD_ID_DONE, CMD_ID_MIN,
                                                                              CMD_ID_FIRST)}
         | {"short-cmd-id": dev + b"\0" + b"\1\0\0", "pages-only": dev + b"\x0f"},
-        "report": {"with-poison": dev + b"\x1f" + b"\x77" * 4 + b"\x77",
-                   "without-poison": dev + b"\x0f" + bytes(4) + b"\x33",
-                   "poison-mismatch": dev + b"\x13" + b"\xaa" * 4 + b"\x55"},
+        "report": {"with-poison": dev + b"\x1f\x01", "without-poison": dev + b"\x0f\x00",
+                   "poison-mismatch": dev + b"\x13\x02", "zero-poison": dev + b"\x1f\x00"},
         "config": {"reads": dev + bytes(b for w, code in ((1, 0x03), (2, 0x13), (4, 0x23)) for o in range(0, 20, w)
                                         for b in (code, o)),
                    "writes": dev + bytes([0x22, 4]) + (64).to_bytes(4, "little") + bytes([0x02, 5, 1, 0x12, 12, 1, 2])},

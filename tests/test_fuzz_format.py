@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from vballoon.errors import DecodeError
 from vballoon.fuzz.format import MAX_HOST_REQUESTS, MAX_OPERATIONS, VERSION, ScenarioState, decode, encode, load
+from vballoon.fuzz.harness import INSTRUMENTED
 from vballoon.fuzz.reference_run import ReferenceTemplates, run_reference
 from vballoon.fuzz.targets import TARGETS
 from vballoon.matrix import Variant
@@ -40,6 +42,12 @@ def test_every_target_maps_any_bytes_to_a_runnable_scenario(name: str, data: byt
     scenario = TARGETS[name].scenario_for(data)
     assert decode(encode(scenario), strict=True) == scenario
     run_reference(scenario)
+
+
+def test_every_target_names_the_modules_that_guide_it() -> None:
+    assert set(INSTRUMENTED) == set(TARGETS), f"INSTRUMENTED has {sorted(INSTRUMENTED)}, targets are {sorted(TARGETS)}"
+    missing = [module for modules in INSTRUMENTED.values() for module in modules if find_spec(module) is None]
+    assert not missing, f"instrumented modules that do not exist: {missing}"
 
 
 def test_invalid_operations_are_made_runnable_not_kept() -> None:

@@ -67,16 +67,21 @@ def hint_scenario(data: bytes) -> Scenario:
     return _runnable(variant, legacy, ops + [AddBuffer(FREE_PAGE_VQ, data[2:], in_pfns)])
 
 
+REPORT_POISON_VALS = (0, POOL_FILL * 0x01010101, (POOL_FILL ^ 0xFF) * 0x01010101)
+"""poison_val by class: zero (QEMU discards the pages), the pages' own pattern, another pattern. What the device
+may do to a reported page depends only on that class, and a few values keep one template per device."""
+
+
 def report_scenario(data: bytes) -> Scenario:
     """byte 0: device (reporting forced on); byte 1: pool pages reported (bit i: page i), bit 4: with PAGE_POISON;
-    bytes 2-5: poison_val; byte 6: the reported pages' fill byte."""
+    byte 2: poison_val, an index into REPORT_POISON_VALS. The reported pages are filled with POOL_FILL first."""
     variant, legacy, negotiate = _negotiated(data, REPORTING_DEVICE)
-    padded = data + bytes(max(0, 7 - len(data)))
-    pages, fill = padded[1], padded[6]
+    padded = data + bytes(max(0, 3 - len(data)))
+    pages, poison = padded[1], REPORT_POISON_VALS[padded[2] % len(REPORT_POISON_VALS)]
     features = negotiate.features if pages & 16 else negotiate.features & ~(1 << Feature.PAGE_POISON)
     in_pfns = tuple(pfn for i, pfn in enumerate(POOL_PFNS[:4]) if pages >> i & 1)
-    ops: list[Operation] = [Negotiate(features, int.from_bytes(padded[2:6], "little"))]
-    ops += [FillPage(pfn, fill) for pfn in in_pfns] + [AddBuffer(REPORTING_VQ, b"", in_pfns)]
+    ops: list[Operation] = [Negotiate(features, poison)]
+    ops += [FillPage(pfn, POOL_FILL) for pfn in in_pfns] + [AddBuffer(REPORTING_VQ, b"", in_pfns)]
     return _runnable(variant, legacy, ops)
 
 
@@ -123,7 +128,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            dictionary=STATS_WORDS + (encode_stats([(4, 1 << 30)]),)),
     Target("pfn", "inflate/deflate PFN buffers on the reference", pfn_scenario, 512, dictionary=PFN_WORDS),
     Target("hint", "a free page hint command buffer on the reference", hint_scenario, 64, dictionary=CMD_ID_WORDS),
-    Target("report", "a free page report buffer on the reference", report_scenario, 16),
+    Target("report", "a free page report buffer on the reference", report_scenario, 3),
     Target("config", "config space accesses on the reference", config_scenario, 256),
     Target("scenario", "whole scenarios on the reference", decode, 512),
     Target("qemu_differential", "whole scenarios on QEMU over qtest and on the reference",
