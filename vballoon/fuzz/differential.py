@@ -3,17 +3,21 @@
 QEMU starts once per executor and stays up: between inputs the device is reset and everything a reset
 leaves behind in QEMU 7.2 is put back by hand (a stopped VM, the polling interval, num_pages, actual, the
 pool pages; guest-stats cannot be cleared, so after an input that sent statistics both sides are "primed"
-with an empty report, see `_prime_stats`). It restarts only after a crash or a hang.
+with an empty report, see `_prime_stats_on_qemu`), and only what the input changed and did not leave as a
+fresh QEMU has it. It restarts only after a crash or a hang.
 
-An input's operations are applied to both sides in order, the qtest requests between two QMP commands
-in one pipeline (config reads and the FEATURES_OK check ride it; their answers are taken when it goes out).
-QEMU processes free page hints in an iothread: where the reference breaks on a hint buffer, QEMU is given
-until its DEVICE_NEEDS_RESET shows before the next operation, which a working device would still process.
-Used entries are collected before each Negotiate/Reset and at the end, and QEMU is observed once, at the end,
-with as few round trips as possible: config fields, status, used rings of the queues the input touched,
-the pool pages when the input could change them, QMP query-balloon and guest-stats when the input could
-change them (otherwise they are not compared). `transport.compare` judges the final observation; the
-value of every ReadConfig and the answer to every host request are compared one by one.
+An input's operations are applied to both sides in order, all its qtest requests in one pipeline that goes
+out only when an answer is needed or before a QMP command (config reads and the FEATURES_OK check ride it;
+their answers are taken when it goes out; the restore goes out with the input's first requests). Host
+requests in a row go to QMP together. A Negotiate sets up only the queues the input uses before its next
+one, on both sides. QEMU processes free page hints in an iothread: where the reference breaks on a hint
+buffer, QEMU is given until its DEVICE_NEEDS_RESET shows (or its message stands alone, the bit being lost)
+before the next operation, which a working device would still process. Used entries are collected before
+each Negotiate/Reset and at the end, and QEMU is observed once, at the end, with as few round trips as
+possible: config fields, status, used rings of the queues the input touched, the pool pages a buffer names,
+QMP query-balloon and guest-stats when the input could change them (otherwise they are not compared), in one
+QMP batch with the restores of polling interval and target. `transport.compare` judges the final
+observation; the value of every ReadConfig and the answer to every host request are compared one by one.
 
 A finding is a QEMU crash (exit by signal, assertion, segfault), a hang (a qtest deadline), a device error
 (virtio_error) where the reference has none, or an observation outside the reference's allowed outcomes.
@@ -208,7 +212,7 @@ class QemuDifferential:
         """Bring the long-lived QEMU back to what a fresh one shows (see the module docstring). Called within
         the input's pipeline: the qtest part goes out with the input's first requests."""
         machine, driver = transport.machine, transport.balloon.driver
-        self._restore_host_state(transport, [])  # what the last input's observation did not already restore
+        self._ask_then_restore(transport, [])  # what the last input's observation did not already restore
         driver.reset()
         driver.allocator.next = FIRST_FREE_RAM
         machine.qtest.memset(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE, 0)
@@ -227,7 +231,7 @@ class QemuDifferential:
         self._restore = set()
         self._stderr_offset = self._stderr_size()
 
-    def _restore_host_state(self, transport: QemuTransport, queries: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    def _ask_then_restore(self, transport: QemuTransport, queries: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Send `queries` over QMP, then put the polling interval and the target back if the input changed them,
         all in one batch; the queries' results. QemuError if QEMU refused or did not answer."""
         machine = transport.machine
@@ -458,10 +462,12 @@ class QemuDifferential:
             driver.config_read(offset, 4).to_bytes(4, "little") for offset in range(0, transport.config_size, 4)),
             tuple((pfn, machine.qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in named)))
         query_balloon, stats, stats_updated = 0, (), False
-        queries = ([("query-balloon", {})] if _writes_actual(ops) else []) + ([
-            ("qom-get", {"path": machine.balloon_qom_path(), "property": "guest-stats"})] if _may_change_stats(ops)
-            else [])
-        results = iter(self._restore_host_state(transport, queries))
+        queries: list[tuple[str, dict[str, Any]]] = []
+        if _writes_actual(ops):
+            queries.append(("query-balloon", {}))
+        if _may_change_stats(ops):
+            queries.append(("qom-get", {"path": machine.balloon_qom_path(), "property": "guest-stats"}))
+        results = iter(self._ask_then_restore(transport, queries))
         if _writes_actual(ops):
             query_balloon = int(next(results)["actual"])
         if _may_change_stats(ops):
