@@ -478,7 +478,7 @@ def test_reported_page_keeps_the_poison_val_of_its_report_across_a_new_negotiati
     assert device.page_content_allowed(21, poison_page(0xAAAAAAAA)), "the pattern of the report's poison_val"
     assert not device.page_content_allowed(21, poison_page(0x55555555)), "a poison_val set after the report"
     with pytest.raises(ValueError, match="poison pattern"):
-        device.ram.allow(22, frozenset({PageOutcome.POISON}))
+        device.ram.allow([22], frozenset({PageOutcome.POISON}))
 
 
 def test_partial_pages_in_a_report_are_not_touched():

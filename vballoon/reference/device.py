@@ -342,17 +342,19 @@ class BalloonDevice:
 
     def _inflate(self, index: int, chain: Chain) -> None:
         """Take pages into the balloon; their content becomes unchanged-or-zero (BAL-DEV-OP-1)."""
-        for pfn in self._pfns_in_ram(chain):
-            self.ballooned.add(pfn)
-            self.ram.allow(pfn, INFLATED)
+        pfns = self._pfns_in_ram(chain)
+        self.ballooned.update(pfns)
+        self.ram.allow(pfns, INFLATED)
         self._complete(index, chain)
 
     def _deflate(self, index: int, chain: Chain) -> None:
         """Give pages back; the driver must only deflate pages it inflated (BAL-DRV-OP-7)."""
-        for pfn in self._pfns_in_ram(chain):
-            if pfn not in self.ballooned:
-                self._violation("BAL-DRV-OP-7", f"deflate of page {pfn:#x} that is not in the balloon")
-            self.ballooned.discard(pfn)
+        pfns = self._pfns_in_ram(chain)
+        strangers = [pfn for pfn in pfns if pfn not in self.ballooned]
+        if strangers:
+            listed = ", ".join(f"{pfn:#x}" for pfn in strangers[:8]) + (", ..." if len(strangers) > 8 else "")
+            self._violation("BAL-DRV-OP-7", f"deflate of {len(strangers)} page(s) not in the balloon: {listed}")
+        self.ballooned.difference_update(pfns)
         self._complete(index, chain)
 
     def _receive_stats(self, index: int, chain: Chain) -> None:
@@ -386,9 +388,9 @@ class BalloonDevice:
             self.hinting.receive_cmd_id(cmd_id)
         if chain.in_ and self.hinting.accepts_pages():
             for buffer in chain.in_:
-                for pfn in self.ram.whole_pages(buffer):
-                    self.hinted.add(pfn)
-                    self.ram.allow(pfn, HINTED)
+                pages = self.ram.whole_pages(buffer)
+                self.hinted.update(pages)
+                self.ram.allow(pages, HINTED)
         self._complete(index, chain)
 
     def _report(self, index: int, chain: Chain) -> None:
@@ -397,9 +399,9 @@ class BalloonDevice:
         poisoned = self._has(Feature.PAGE_POISON)
         allowed, pattern = (REPORTED_WITH_POISON, self.poison_pattern()) if poisoned else (REPORTED_WITHOUT_POISON, None)
         for buffer in chain.in_:
-            for pfn in self.ram.whole_pages(buffer):
-                self.reported.add(pfn)
-                self.ram.allow(pfn, allowed, pattern)
+            pages = self.ram.whole_pages(buffer)
+            self.reported.update(pages)
+            self.ram.allow(pages, allowed, pattern)
         self._complete(index, chain)
 
     # --- host side -----------------------------------------------------------------

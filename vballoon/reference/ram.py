@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from enum import Enum
+from typing import Iterable
 
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, Endian, struct_prefix
 from vballoon.virtqueue import Buffer, MemoryAccessError
@@ -104,14 +105,17 @@ class GuestRam:
         end = min((buffer.addr + buffer.length) // PAGE_SIZE, self.num_pages)
         return range(first, max(first, end))
 
-    def allow(self, pfn: int, outcomes: frozenset[PageOutcome], poison: bytes | None = None) -> None:
-        """Record that the device may leave page `pfn` in any of `outcomes` (added to what it already may);
+    def allow(self, pfns: Iterable[int], outcomes: frozenset[PageOutcome], poison: bytes | None = None) -> None:
+        """Record that the device may leave pages `pfns` in any of `outcomes` (added to what they already may);
         with POISON, `poison` is the page pattern of poison_val now (see `poison_page`)."""
-        self._latitude[pfn] = self.allowed(pfn) | outcomes
-        if PageOutcome.POISON in outcomes:
-            if poison is None:
-                raise ValueError("a POISON outcome needs the poison pattern in effect")
-            self._poison[pfn] = self._poison.get(pfn, frozenset()) | {poison}
+        poisoned = PageOutcome.POISON in outcomes
+        if poisoned and poison is None:
+            raise ValueError("a POISON outcome needs the poison pattern in effect")
+        latitude = self._latitude
+        for pfn in pfns:
+            latitude[pfn] = latitude.get(pfn, ONLY_UNCHANGED) | outcomes
+            if poisoned:
+                self._poison[pfn] = self._poison.get(pfn, frozenset()) | {poison}
 
     def allowed(self, pfn: int) -> frozenset[PageOutcome]:
         """The outcomes a conforming device may have produced for page `pfn`."""
