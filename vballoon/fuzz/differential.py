@@ -29,12 +29,13 @@ devices no longer agree on state after it), so that input yields no finding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Sequence
 
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
@@ -84,6 +85,30 @@ class Finding:
     def signature(self) -> str:
         """What makes two findings the same bug: the kind and the first difference's requirement and subject."""
         return f"{self.kind}:{self.summary.split(': expected')[0]}"
+
+
+@dataclass
+class _Registers:
+    """QEMU's device status, config space and pool pages at the end of an input."""
+
+    status: int = 0
+    config: bytearray = field(default_factory=bytearray)
+    pages: tuple[tuple[int, bytes], ...] = ()
+
+    def read_later(self, transport: QemuTransport) -> None:
+        """Queue the status and config reads in the qtest pipeline; they are filled in when it goes out."""
+        driver, qtest = transport.balloon.driver, transport.machine.qtest
+        words = range(0, transport.config_size, 4)
+        self.config = bytearray(4 * len(words))
+        qtest.read_later(lambda: driver.status, self._set_status)
+        for offset in words:
+            qtest.read_later(functools.partial(driver.config_read, offset, 4), functools.partial(self._set_word, offset))
+
+    def _set_status(self, value: int) -> None:
+        self.status = value
+
+    def _set_word(self, offset: int, value: int) -> None:
+        self.config[offset:offset + 4] = value.to_bytes(4, "little")
 
 
 @dataclass
@@ -313,9 +338,11 @@ class QemuDifferential:
                             if op.queue == FREE_PAGE_VQ and len(reference.device.errors) > errors_before:
                                 self._await_hint_error(transport)
                         self._note_restore(op)
-            self._collect(transport, reference, touched, expected_side, got_side, used_deadline)
+            registers = self._collect(transport, reference, touched, expected_side, got_side, used_deadline,
+                                      _pool_pages_named(ops))
+            assert registers is not None
             self._keep_fresh_host_state(reference, ops, expected_side, got_side)
-            got = self._observe(transport, scenario, got_side)
+            got = self._observe(transport, scenario, got_side, registers)
         except VirtqueueError as error:  # QEMU's used ring names a chain the driver never made available
             if _gives_away_driver_memory(scenario):
                 return None  # the input ballooned its own rings: QEMU zeroed them, as it may (BAL-DRV-OP-6)
@@ -415,8 +442,11 @@ class QemuDifferential:
         self._restore -= {name for name, is_fresh in fresh.items() if is_fresh}
 
     def _collect(self, transport: QemuTransport, reference: ReferenceTransport, touched: set[str],
-                 expected_side: _Side, got_side: _Side, deadline: float) -> None:
-        """Used entries of the touched queues on both sides; QEMU gets `deadline` seconds to match counts."""
+                 expected_side: _Side, got_side: _Side, deadline: float,
+                 pool_pages: Sequence[int] | None = None) -> _Registers | None:
+        """Used entries of the touched queues on both sides; QEMU gets `deadline` seconds to match counts. With
+        `pool_pages` (the input's last collection) QEMU's status, config space and those pages are read in the
+        same round trip as the used rings, and returned."""
         ref_entries = [(name, e.id, e.length) for name, queue in reference.driver.queues.items()
                        for e in queue.collect_used()]
         expected_side.used += ref_entries
@@ -429,13 +459,24 @@ class QemuDifferential:
 
         layouts = [queues[names.index(name)].layout for name in touched if names.index(name) in queues]
         used_rings = [(layout.used, SplitLayout.used_bytes(layout.size)) for layout in layouts]
+        registers = None if pool_pages is None else _Registers()
+        pages = [(pfn << PFN_SHIFT, PAGE_SIZE) for pfn in pool_pages or ()]
+        qtest = transport.machine.qtest
+
+        ranges = used_rings + pages
 
         def gather() -> bool:
-            with transport.machine.qtest.snapshot(used_rings):  # every touched used ring in one round trip
+            if registers is not None:
+                registers.read_later(transport)
+                if not ranges:
+                    qtest.flush()  # no memory to read: the register reads go out alone
+            with qtest.snapshot(ranges):  # every touched used ring (and page) in one round trip
                 for name in touched:
                     index = names.index(name)
                     if index in queues:
                         found.extend((name, e.id, e.length) for e in queues[index].collect_used())
+                if registers is not None:
+                    registers.pages = tuple((pfn, qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in pool_pages or ())
             # the iothread's virtio_error comes late, and not at all while the VM is stopped (QEMU holds hints)
             settled = not (FREE_PAGE_VQ in touched and reference.device.broken and reference.running) or \
                 self._shows_device_error(transport)
@@ -448,19 +489,17 @@ class QemuDifferential:
         except DeadlineExceeded:
             pass  # fewer than the reference: the comparison shows it
         got_side.used += found
+        return registers
 
-    def _observe(self, transport: QemuTransport, scenario: Scenario, side: _Side) -> Observation:
-        """QEMU's state at the end of the input, in few round trips."""
-        machine, driver = transport.machine, transport.balloon.driver
+    def _observe(self, transport: QemuTransport, scenario: Scenario, side: _Side, registers: _Registers
+                 ) -> Observation:
+        """QEMU's state at the end of the input: `registers` from the last collection, and QMP."""
+        machine = transport.machine
         stderr = self._new_stderr()
         crash = tuple(m.group(0).strip() for m in CRASH_LINE.finditer(stderr))
         if crash or machine.process is None or machine.process.poll() is not None:
             return Observation(alive=False, crash=crash or (machine.exit_description(),))
         ops = scenario.operations
-        named = _pool_pages_named(ops)
-        status, config, pages = machine.qtest.batched(lambda: (driver.status, b"".join(
-            driver.config_read(offset, 4).to_bytes(4, "little") for offset in range(0, transport.config_size, 4)),
-            tuple((pfn, machine.qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in named)))
         query_balloon, stats, stats_updated = 0, (), False
         queries: list[tuple[str, dict[str, Any]]] = []
         if _writes_actual(ops):
@@ -477,9 +516,9 @@ class QemuDifferential:
         stale = {value for value, when in self._recent_events.items() if when > time.monotonic() - EVENT_RATE_LIMIT * 2}
         while events and events[0] in stale:  # an earlier input's event, held back by the rate limit until now
             events = events[1:]
-        return Observation(alive=True, status=status, config=config, used=tuple(side.used),
+        return Observation(alive=True, status=registers.status, config=bytes(registers.config), used=tuple(side.used),
                            query_balloon=query_balloon, guest_stats=stats, stats_updated=stats_updated, events=events,
-                           pages=pages, device_errors=len(DEVICE_ERROR_LINE.findall(stderr)))
+                           pages=registers.pages, device_errors=len(DEVICE_ERROR_LINE.findall(stderr)))
 
     @staticmethod
     def _unobserved_as_expected(scenario: Scenario, got: Observation, expected: Observation) -> Observation:
