@@ -125,6 +125,11 @@ class Reset:
 Operation = Union[Negotiate, SetTarget, WriteConfig, ReadConfig, AddBuffer, FillPage, SetPollingInterval, Stop,
                   Cont, Reset]
 HostRequest = Union[SetTarget, SetPollingInterval, Stop, Cont]
+HOST_REQUESTS = (SetTarget, SetPollingInterval, Stop, Cont)
+"""The operations a host makes: QMP commands on QEMU."""
+OPERATIONS: dict[str, type] = {cls.__name__: cls for cls in (Negotiate, SetTarget, WriteConfig, ReadConfig,
+                                                              AddBuffer, FillPage, SetPollingInterval, Stop,
+                                                              Cont, Reset)}
 
 
 def queues_used(ops: Sequence[Operation], start: int) -> frozenset[str]:
@@ -137,12 +142,6 @@ def queues_used(ops: Sequence[Operation], start: int) -> frozenset[str]:
         if isinstance(op, AddBuffer):
             used.add(op.queue)
     return frozenset(used)
-
-HOST_REQUESTS = (SetTarget, SetPollingInterval, Stop, Cont)
-"""The operations a host makes: QMP commands on QEMU."""
-OPERATIONS: dict[str, type] = {cls.__name__: cls for cls in (Negotiate, SetTarget, WriteConfig, ReadConfig,
-                                                              AddBuffer, FillPage, SetPollingInterval, Stop,
-                                                              Cont, Reset)}
 
 
 @dataclass(frozen=True)
@@ -369,7 +368,7 @@ class QemuTransport:
     def config_size(self) -> int:
         return config_size(self.balloon.offered)
 
-    def _qmp_command(self, op: HostRequest) -> tuple[str, dict[str, Any]]:
+    def qmp_command(self, op: HostRequest) -> tuple[str, dict[str, Any]]:
         """The QMP command (name, arguments) of a host request."""
         if isinstance(op, SetTarget):
             return "balloon", {"value": self.machine.ram_bytes - op.pages_below_ram * PAGE_SIZE}
@@ -381,7 +380,7 @@ class QemuTransport:
     def apply_host_requests(self, ops: Sequence[HostRequest]) -> list[tuple[int | None, str | None]]:
         """Host requests sent over QMP together (QEMU runs them in order), noted in the reproducer; the answer
         of each: QEMU's error text if it refused."""
-        commands = [self._qmp_command(op) for op in ops]
+        commands = [self.qmp_command(op) for op in ops]
         if commands:
             self.machine.qtest.flush()  # what the driver did before reaches QEMU first
         if self.record:

@@ -259,16 +259,11 @@ class QemuDifferential:
     def _ask_then_restore(self, transport: QemuTransport, queries: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Send `queries` over QMP, then put the polling interval and the target back if the input changed them,
         all in one batch; the queries' results. QemuError if QEMU refused or did not answer."""
-        machine = transport.machine
-        restores: list[tuple[str, dict[str, Any]]] = []
-        if "polling" in self._restore:
-            restores.append(("qom-set", {"path": machine.balloon_qom_path(), "property": "guest-stats-polling-interval",
-                                         "value": 0}))
-        if "target" in self._restore:
-            restores.append(("balloon", {"value": machine.ram_bytes}))
+        restores = [transport.qmp_command(op) for name, op in (("polling", SetPollingInterval(0)),
+                                                                ("target", SetTarget(0))) if name in self._restore]
         if not queries and not restores:
             return []
-        answers = machine.qmp.try_commands(queries + restores)
+        answers = transport.machine.qmp.try_commands(queries + restores)
         for (name, _), (_, error) in zip(queries + restores, answers, strict=True):
             if error is not None:
                 raise QemuError(f"QMP {name}: {error}")

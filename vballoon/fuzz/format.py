@@ -54,9 +54,9 @@ from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, QUEUE_MAX_SIZES, REPORTING_VQ, STATSQ
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
-from vballoon.transport import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate,
-                                Operation, ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig,
-                                reference_properties)
+from vballoon.transport import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage,
+                                Negotiate, Operation, ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop,
+                                WriteConfig, reference_properties)
 
 VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)

@@ -26,7 +26,7 @@ from vballoon.transport import (MEMORY_MIB, FillPage, Negotiate, Operation, Refe
                                 queues_used)
 
 TEMPLATE_CAPACITY = 256
-"""Setups kept (a template is 30-70 KiB: the ring pages and the pool pages written)."""
+"""Setups kept (a template is 1-31 KiB, mostly the ring pages of the queues set up)."""
 
 
 class ReferenceFault(Exception):
@@ -152,13 +152,13 @@ def run_checked(reference: ReferenceTransport, operations: tuple[Operation, ...]
     sets up the queues used before the next one: in `operations`, and for the last one also `queues_after`,
     the ones used after `operations` (None: unknown, so every queue)."""
     answers = []
-    last_negotiation = max((i for i, op in enumerate(operations) if isinstance(op, (Negotiate, Reset))), default=-1)
+    last_phase = max((i for i, op in enumerate(operations) if isinstance(op, (Negotiate, Reset))), default=-1)
     for index, op in enumerate(operations):
         number = first + index
         queues = None
         if isinstance(op, Negotiate):
             queues = queues_used(operations, index + 1)
-            if index == last_negotiation:
+            if index == last_phase:  # its queues' buffers may come after `operations`
                 queues = None if queues_after is None else queues | queues_after
         try:
             answers.append(step_reference(reference, op, queues))

@@ -4,9 +4,10 @@ Every command, reply and event goes to a JSON-lines transcript so a failed
 test can show exactly what the host asked QEMU and what QEMU answered.
 
 `qemu.qmp.QMPClient` runs on an event loop this monitor owns, driven one
-command at a time: a query-balloon round trip costs 481-488 µs here where the
-library's legacy synchronous wrapper (a `wait_for` task per call) costs
-493-566 µs, and the differential fuzzer sends several per input.
+command (or one batch, `try_commands`) at a time: a query-balloon round trip
+costs about 370 µs here where the library's legacy synchronous wrapper (a
+`wait_for` task per call, every message formatted for its debug log) cost
+464-566 µs, and the differential fuzzer sends several per input.
 
 QEMU 7.2's monitor reads a request one byte per read (monitor_can_read,
 monitor/monitor.c): each byte costs its monitor thread about 4 µs, so a
