@@ -14,6 +14,7 @@ from vballoon.reference import (
     poison_page,
 )
 from vballoon.reference.driver import ReferenceDriver
+from vballoon.reference.invariants import check_device
 from vballoon.spec import (
     CMD_ID_DONE,
     CMD_ID_FIRST,
@@ -225,7 +226,7 @@ def test_inflate_deflate(indirect):
     assert device.ballooned == {6}
     device.ram.write(5 * PAGE_SIZE, b"\x01")
     assert device.allowed_page_outcomes(5) == {PageOutcome.UNCHANGED}, "a write makes the page defined again"
-    device.check_invariants()
+    check_device(device)
 
 
 @pytest.mark.req("BAL-DRV-OP-7")
@@ -256,7 +257,7 @@ def test_malformed_chain_sets_needs_reset_and_stops_the_device():
     assert device.status & Status.DEVICE_NEEDS_RESET, "the driver cannot clear NEEDS_RESET"
     driver.inflate([1])
     assert device.ballooned == set(), "a broken device processes nothing"
-    device.check_invariants()
+    check_device(device)
     assert driver.negotiate(), "reset recovers the device"
     assert not device.status & Status.DEVICE_NEEDS_RESET
 
@@ -443,7 +444,7 @@ def test_ids_not_reused_before_stop_after_wrap():
     assert d == 0x80000002, f"ids awaiting STOP are skipped, got {d:#x}"
     driver.send_cmd_id(CMD_ID_STOP)
     assert a not in device.hinting.unreleased, "STOP releases the id the driver used"
-    device.check_invariants()
+    check_device(device)
 
 
 # --- free page reporting -------------------------------------------------------------

@@ -7,6 +7,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from vballoon.reference import BalloonDevice, DeviceProperties, FreePageHinting, PageOutcome
 from vballoon.reference.driver import ReferenceDriver
+from vballoon.reference.invariants import check_device, check_hinting
 from vballoon.reference.stats import StatsState
 from vballoon.spec import (
     CMD_ID_MIN,
@@ -92,7 +93,7 @@ def test_hint_ids_never_reused_before_stop_and_stale_ids_never_accepted(start, o
             hinting.receive_cmd_id(driver_id)
         if hinting.accepts_pages():
             assert driver_id == hinting.counter, f"pages accepted under stale id {driver_id}"
-        hinting.check_invariants()
+        check_hinting(hinting)
 
 
 class BalloonSession(RuleBasedStateMachine):
@@ -214,7 +215,7 @@ class BalloonSession(RuleBasedStateMachine):
 
     @invariant()
     def device_invariants(self):
-        self.device.check_invariants()
+        check_device(self.device)
 
     @invariant()
     def actual_within_ram(self):

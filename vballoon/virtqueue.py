@@ -112,13 +112,6 @@ class Descriptor:
     flags: int = 0
     next: int = 0
 
-    def encode(self, endian: Endian = "little") -> bytes:
-        return struct.pack(struct_prefix(endian) + "QIHH", self.addr, self.length, self.flags, self.next)
-
-    @classmethod
-    def decode(cls, data: bytes, endian: Endian = "little") -> Descriptor:
-        return cls(*struct.unpack(struct_prefix(endian) + "QIHH", data))
-
 
 @dataclass(frozen=True)
 class UsedElement:
@@ -207,6 +200,13 @@ class SplitLayout:
         return self.used + RING_HEADER_SIZE + USED_ELEM_SIZE * self.size
 
 
+@functools.lru_cache(maxsize=None)
+def _structs(endian: Endian) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
+    """u16, a used element (u32 id, u32 len) and a descriptor, compiled once per byte order."""
+    prefix = struct_prefix(endian)
+    return struct.Struct(prefix + "H"), struct.Struct(prefix + "II"), struct.Struct(prefix + "QIHH")
+
+
 class _RingAccess:
     """Little helpers shared by both sides: 16/32-bit fields of one split ring."""
 
@@ -214,27 +214,33 @@ class _RingAccess:
         self.memory = memory
         self.layout = layout
         self.endian = endian
-        self._prefix = struct_prefix(endian)
+        self._u16, self._used_elem, self._desc = _structs(endian)
 
     def read16(self, addr: int) -> int:
-        return struct.unpack(self._prefix + "H", self.memory.read(addr, 2))[0]
+        value: int = self._u16.unpack(self.memory.read(addr, 2))[0]
+        return value
 
     def write16(self, addr: int, value: int) -> None:
-        self.memory.write(addr, struct.pack(self._prefix + "H", value & 0xFFFF))
+        self.memory.write(addr, self._u16.pack(value & 0xFFFF))
 
-    def read_desc(self, table: int, index: int) -> Descriptor:
-        return Descriptor.decode(self.memory.read(table + DESC_SIZE * index, DESC_SIZE), self.endian)
+    def read_desc_fields(self, table: int, index: int) -> tuple[int, int, int, int]:
+        """addr, len, flags, next of one descriptor (without building a `Descriptor`: the device's hot path)."""
+        fields: tuple[int, int, int, int] = self._desc.unpack(self.memory.read(table + DESC_SIZE * index, DESC_SIZE))
+        return fields
+
+    def write_desc_fields(self, table: int, index: int, addr: int, length: int, flags: int, next_: int) -> None:
+        self.memory.write(table + DESC_SIZE * index, self._desc.pack(addr, length, flags, next_))
 
     def write_desc(self, table: int, index: int, desc: Descriptor) -> None:
-        self.memory.write(table + DESC_SIZE * index, desc.encode(self.endian))
+        self.write_desc_fields(table, index, desc.addr, desc.length, desc.flags, desc.next)
 
     def read_used_elem(self, slot: int) -> UsedElement:
         addr = self.layout.used + RING_HEADER_SIZE + USED_ELEM_SIZE * (slot % self.layout.size)
-        return UsedElement(*struct.unpack(self._prefix + "II", self.memory.read(addr, USED_ELEM_SIZE)))
+        return UsedElement(*self._used_elem.unpack(self.memory.read(addr, USED_ELEM_SIZE)))
 
-    def write_used_elem(self, slot: int, elem: UsedElement) -> None:
+    def write_used_elem(self, slot: int, head: int, length: int) -> None:
         addr = self.layout.used + RING_HEADER_SIZE + USED_ELEM_SIZE * (slot % self.layout.size)
-        self.memory.write(addr, struct.pack(self._prefix + "II", elem.id, elem.length))
+        self.memory.write(addr, self._used_elem.pack(head, length))
 
     def avail_slot_addr(self, slot: int) -> int:
         return self.layout.avail + RING_HEADER_SIZE + 2 * (slot % self.layout.size)
@@ -323,19 +329,19 @@ class SplitDriverQueue:
         buffers = [(b, 0) for b in out] + [(b, DESC_F_WRITE) for b in in_]
         if not buffers:
             raise VirtqueueError("a chain needs at least one buffer")
+        write = self.ring.write_desc_fields
         if indirect_table is not None:
             for i, (buf, flags) in enumerate(buffers):
                 last = i == len(buffers) - 1
-                desc = Descriptor(buf.addr, buf.length, flags | (0 if last else DESC_F_NEXT), 0 if last else i + 1)
-                self.ring.write_desc(indirect_table, i, desc)
+                write(indirect_table, i, buf.addr, buf.length, flags | (0 if last else DESC_F_NEXT), 0 if last else i + 1)
             buffers = [(Buffer(indirect_table, DESC_SIZE * len(buffers)), DESC_F_INDIRECT)]
         if len(buffers) > self.num_free:
             raise VirtqueueError(f"chain of {len(buffers)} descriptors but only {self.num_free} free")
         indices = [self._take_free() for _ in buffers]
         for i, (buf, flags) in enumerate(buffers):
             last = i == len(buffers) - 1
-            desc = Descriptor(buf.addr, buf.length, flags | (0 if last else DESC_F_NEXT), 0 if last else indices[i + 1])
-            self.ring.write_desc(self.layout.desc, indices[i], desc)
+            write(self.layout.desc, indices[i], buf.addr, buf.length, flags | (0 if last else DESC_F_NEXT),
+                  0 if last else indices[i + 1])
         self._outstanding[indices[0]] = indices
         return indices[0]
 
@@ -440,37 +446,38 @@ class SplitDeviceQueue:
         table, limit, index = self.layout.desc, self.layout.size, head
         in_indirect = False
         seen = 0
+        read_desc = self.ring.read_desc_fields
         while True:
-            desc = self._read(self.ring.read_desc, table, index)
-            if desc.flags & DESC_F_INDIRECT:
+            addr, length, flags, next_ = self._read(read_desc, table, index)
+            if flags & DESC_F_INDIRECT:
                 if in_indirect:
                     raise MalformedRingError("nested-indirect", f"indirect descriptor {index} inside an indirect table")
-                if desc.length == 0 or desc.length % DESC_SIZE:
-                    raise MalformedRingError("indirect-size", f"indirect table of {desc.length} bytes")
+                if length == 0 or length % DESC_SIZE:
+                    raise MalformedRingError("indirect-size", f"indirect table of {length} bytes")
                 # The device ignores WRITE and NEXT on the descriptor that refers to a table;
                 # the table ends the chain (drivers must not set INDIRECT with NEXT).
-                table, limit, index, in_indirect, seen = desc.addr, desc.length // DESC_SIZE, 0, True, 0
+                table, limit, index, in_indirect, seen = addr, length // DESC_SIZE, 0, True, 0
                 continue
-            if desc.length == 0:
+            if length == 0:
                 raise MalformedRingError("zero-length", f"descriptor {index} has length 0")
-            if desc.flags & DESC_F_WRITE:
-                in_.append(Buffer(desc.addr, desc.length))
+            if flags & DESC_F_WRITE:
+                in_.append(Buffer(addr, length))
             elif in_:
                 raise MalformedRingError("order", f"device-readable descriptor {index} after a device-writable one")
             else:
-                out.append(Buffer(desc.addr, desc.length))
+                out.append(Buffer(addr, length))
             seen += 1
             if seen > limit:
                 raise MalformedRingError("loop", f"chain longer than {limit} descriptors")
-            if not desc.flags & DESC_F_NEXT:
+            if not flags & DESC_F_NEXT:
                 return out, in_
-            if desc.next >= limit:
-                raise MalformedRingError("next-out-of-range", f"descriptor {index} names next {desc.next}, limit {limit}")
-            index = desc.next
+            if next_ >= limit:
+                raise MalformedRingError("next-out-of-range", f"descriptor {index} names next {next_}, limit {limit}")
+            index = next_
 
     def push(self, head: int, length: int) -> None:
         """Write used entry (head, length) and advance used->idx."""
-        self.ring.write_used_elem(self.used_idx, UsedElement(head, length))
+        self.ring.write_used_elem(self.used_idx, head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.ring.write16(self.layout.used + 2, self.used_idx)
         self.in_use -= 1

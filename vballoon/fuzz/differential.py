@@ -51,7 +51,7 @@ from vballoon.transport import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBu
                                 Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare, queues_used,
                                 touches_poison_val)
 from vballoon.fuzz.format import offered_balloon_features
-from vballoon.fuzz.reference_run import TEMPLATES, step_reference
+from vballoon.fuzz.reference_run import run_checked, step_reference
 from vballoon.virtqueue import SplitLayout, VirtqueueError
 from vballoon.waiting import DeadlineExceeded, wait_for
 
@@ -307,8 +307,9 @@ class QemuDifferential:
 
     def _run(self, transport: QemuTransport, scenario: Scenario) -> Finding | None:
         self._error_line_seen = 0.0
-        priming = tuple(self._priming()) if self._stats_primed else ()
-        reference, _ = TEMPLATES.start(self.variant, self.legacy_interface, priming, transport.machine.ram_bytes)
+        reference = ReferenceTransport(self.variant, self.legacy_interface, transport.machine.ram_bytes)
+        if self._stats_primed:
+            run_checked(reference, tuple(self._priming()))
         expected_side, got_side = _Side(), _Side()
         # QEMU discards a ballooned ring page: used entries the reference makes there never show, so do not wait
         used_deadline = 0.0 if _gives_away_driver_memory(scenario) else USED_DEADLINE

@@ -45,7 +45,6 @@ naming the file. `encode` writes the canonical form: `decode(encode(s)) == s` fo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +53,9 @@ from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, QUEUE_MAX_SIZES, REPORTING_VQ, STATSQ
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
-from vballoon.transport import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont, FillPage,
-                                Negotiate, Operation, ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop,
-                                WriteConfig, reference_properties)
+from vballoon.transport import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PAGES, POOL_PFNS, AddBuffer, Cont, FillPage,
+                                HostRequest, Negotiate, Operation, ReadConfig, Reset, Scenario, SetPollingInterval,
+                                SetTarget, Stop, WriteConfig, reference_properties)
 
 VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -78,7 +77,12 @@ VERSION_1_KINDS: tuple[type, ...] = (Negotiate, SetTarget, WriteConfig, ReadConf
                                      SetPollingInterval, Stop, Cont, Reset, AddBuffer, AddBuffer, AddBuffer,
                                      WriteConfig, ReadConfig, Negotiate)
 KINDS_BY_VERSION = {1: VERSION_1_KINDS, 2: KINDS}
+OPCODES_BY_VERSION: dict[int, tuple[tuple[type, int], ...]] = {
+    version: tuple((kinds[opcode & 0x0F], opcode >> 4) for opcode in range(256))
+    for version, kinds in KINDS_BY_VERSION.items()}
+"""(kind, argument) by opcode byte, by version."""
 WIDTHS = (1, 2, 4)
+MAX_WIDTH_CODE = len(WIDTHS) - 1
 CONFIG_OFFSETS = 32
 """Config accesses reach past the 16-byte config space, where reads give all ones and writes are ignored."""
 MAX_OPERATIONS = 64
@@ -87,6 +91,8 @@ MAX_IN_PAGES = 4
 QUEUE_DESCRIPTORS = 100
 """Descriptors a scenario may put on one queue between negotiations, at most the queue's size (the driver takes
 back used descriptors only at a negotiation): 100, or 32 on reporting_vq (`QUEUE_MAX_SIZES`)."""
+QUEUE_LIMITS = {name: min(QUEUE_DESCRIPTORS, size) for name, size in QUEUE_MAX_SIZES.items()}
+"""`QUEUE_DESCRIPTORS` by queue."""
 MAX_HOST_REQUESTS = 8
 """Host requests a version-2 scenario holds; later ones are dropped. Each is a QMP round trip on QEMU (0.4-0.8 ms,
 20-40 qtest accesses), and libFuzzer's repeat mutations grew inputs of 30 polling interval changes in a row."""
@@ -146,6 +152,22 @@ def writable_page(pfn: int) -> bool:
     return 0 < pfn < LOW_RAM_HOLE[0] or LOW_RAM_HOLE[1] <= pfn < RAM_PAGES
 
 
+def _aligned(offset: int, width: int) -> int:
+    """A config offset aligned down to the access width, as drivers align them (virtio 4.1.3.1)."""
+    return offset - offset % width
+
+
+@functools.lru_cache(maxsize=128)
+def _usable_queues(features: int | None) -> tuple[str, ...]:
+    """`ScenarioState.usable_queues` by negotiated features; cached, as every buffer asks."""
+    if features is None:
+        return ()
+    names = [INFLATEQ, DEFLATEQ, STATSQ]
+    names += [FREE_PAGE_VQ] if has_feature(features, Feature.FREE_PAGE_HINT) else []
+    names += [REPORTING_VQ] if has_feature(features, Feature.REPORTING) else []
+    return tuple(names)
+
+
 @dataclass
 class ScenarioState:
     """What decides which operations are valid next: negotiated features and descriptors used per queue."""
@@ -155,43 +177,73 @@ class ScenarioState:
     descriptors: dict[str, int] = field(default_factory=dict)
     host_requests_left: int | None = MAX_HOST_REQUESTS
     """Host requests still admitted (None: no limit, as in version 1)."""
+    _offered: int | None = field(default=None, init=False, repr=False, compare=False)
+    """`offered_balloon_features(variant)` once a Negotiate asked for it."""
 
     def usable_queues(self) -> tuple[str, ...]:
         """Queues a buffer may go to now (none before Negotiate)."""
-        if self.features is None:
-            return ()
-        names = [INFLATEQ, DEFLATEQ, STATSQ]
-        names += [FREE_PAGE_VQ] if has_feature(self.features, Feature.FREE_PAGE_HINT) else []
-        names += [REPORTING_VQ] if has_feature(self.features, Feature.REPORTING) else []
-        return tuple(names)
+        return _usable_queues(self.features)
 
     def admit(self, op: Operation) -> Operation | None:
-        """`op` made runnable in this state (or None to drop it); the state follows it."""
-        if isinstance(op, Negotiate):
-            op = Negotiate(op.features & offered_balloon_features(self.variant), op.poison_val)
-            self.features, self.descriptors = op.features, {}
-        elif isinstance(op, Reset):
+        """`op` made runnable in this state (or None to drop it); the state follows it. An operation runnable as it
+        is comes back itself."""
+        kind = type(op)
+        if kind is ReadConfig:
+            return op if not op.offset % op.width else ReadConfig(_aligned(op.offset, op.width), op.width)
+        if kind is WriteConfig:
+            if self.features is not None and not op.offset % op.width:
+                return op
+            return self.config_write(op.offset, op.width, op.value)
+        if kind is Negotiate:
+            features = self.negotiate(op.features)
+            return op if features == op.features else Negotiate(features, op.poison_val)
+        if kind is AddBuffer:
+            admitted = self.buffer_fields(op.queue, op.out, op.in_pfns)
+            if admitted is None:
+                return None
+            return op if admitted == (op.out, op.in_pfns) else AddBuffer(op.queue, *admitted)
+        if kind is Reset:
             self.features, self.descriptors = None, {}
-        elif isinstance(op, (WriteConfig, AddBuffer)) and self.features is None:
-            return None
-        elif isinstance(op, (WriteConfig, ReadConfig)) and op.offset % op.width:
-            return dataclasses.replace(op, offset=op.offset - op.offset % op.width)  # drivers align (virtio 4.1.3.1)
-        elif isinstance(op, AddBuffer):
-            if op.queue not in self.usable_queues():
-                return None
-            in_pfns = () if op.queue == STATSQ else tuple(filter(writable_page, op.in_pfns))
-            op = AddBuffer(op.queue, op.out if op.out or in_pfns else bytes(1), in_pfns)
-            used = self.descriptors.get(op.queue, 0) + bool(op.out) + len(op.in_pfns)
-            if used > min(QUEUE_DESCRIPTORS, QUEUE_MAX_SIZES[op.queue]):
-                return None
-            self.descriptors[op.queue] = used
-        if isinstance(op, HOST_REQUESTS) and self.host_requests_left is not None:
+        elif kind in HOST_REQUESTS:
+            return self.host_request(op)
+        return op
+
+    def negotiate(self, features: int) -> int:
+        """The features a Negotiate of `features` gets (the offered ones), now the state's."""
+        if self._offered is None:
+            self._offered = offered_balloon_features(self.variant)
+        self.features, self.descriptors = features & self._offered, {}
+        return self.features
+
+    def host_request(self, op: HostRequest) -> HostRequest | None:
+        """The host request made runnable, counted: None past the limit, a polling interval at least
+        MIN_POLL_SECONDS."""
+        if self.host_requests_left is not None:
             if not self.host_requests_left:
                 return None
             self.host_requests_left -= 1
         if isinstance(op, SetPollingInterval) and 0 < op.seconds < MIN_POLL_SECONDS:
-            op = SetPollingInterval(MIN_POLL_SECONDS)
+            return SetPollingInterval(MIN_POLL_SECONDS)
         return op
+
+    def config_write(self, offset: int, width: int, value: int) -> WriteConfig | None:
+        """The config write made runnable: aligned; None before Negotiate."""
+        return None if self.features is None else WriteConfig(_aligned(offset, width), width, value)
+
+    def buffer_fields(self, queue: str, out: bytes, in_pfns: tuple[int, ...]) -> tuple[bytes, tuple[int, ...]] | None:
+        """The out bytes and device-writable pages of a buffer on `queue` made runnable, now counted: without pages
+        the device cannot write (all on statsq), one byte out if nothing is left; None to drop the buffer (a queue not
+        usable now or short of descriptors)."""
+        if queue not in _usable_queues(self.features):
+            return None
+        in_pfns = () if queue == STATSQ or not in_pfns else tuple(filter(writable_page, in_pfns))
+        if not out and not in_pfns:
+            out = bytes(1)
+        used = self.descriptors.get(queue, 0) + bool(out) + len(in_pfns)
+        if used > QUEUE_LIMITS[queue]:
+            return None
+        self.descriptors[queue] = used
+        return out, in_pfns
 
 
 # --- decoding --------------------------------------------------------------------------
@@ -201,136 +253,177 @@ class Truncated(DecodeError):
     """The data ended inside an operation."""
 
 
-class _Reader:
-    """Bytes consumed from the front; past the end: zeros (lenient) or `Truncated` (strict)."""
-
-    def __init__(self, data: bytes, strict: bool) -> None:
-        self.data = data
-        self.pos = 0
-        self.strict = strict
-
-    def more(self) -> bool:
-        return self.pos < len(self.data)
-
-    def take(self, n: int) -> bytes:
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        if len(chunk) < n:
-            if self.strict:
-                raise Truncated(f"ends {n - len(chunk)} byte(s) short at offset {len(self.data)}")
-            chunk += bytes(n - len(chunk))
-        return chunk
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "little")
-
-    def varint(self) -> int:
-        value = shift = 0
-        for _ in range(10):
-            byte = self.u8()
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        return value
-
-    def zigzag(self) -> int:
-        raw = self.varint()
-        return (raw >> 1) ^ -(raw & 1)
+PAD = bytes(8)
+"""Zeros the decoder reads past the end of the data. An operation starts before the end and reads at most 7 bytes
+past it: a buffer of four pages whose first PFN selector, the data's last byte, asks for a raw u32 reads the u32 and
+three more selectors."""
+SELECTED_PFNS: tuple[int | None, ...] = tuple(
+    None if selector == RAW_PFN else POOL_PFNS[selector] if selector < POOL_PAGES
+    else INTERESTING_PFNS[(selector - POOL_PAGES) % len(INTERESTING_PFNS)] for selector in range(256))
+"""The PFN each selector byte names (None: a raw u32 follows)."""
+READS: tuple[tuple[ReadConfig, ...], ...] = tuple(
+    tuple(ReadConfig(_aligned(offset, width), width) for offset in range(CONFIG_OFFSETS)) for width in WIDTHS)
+"""The config reads by width code and offset, aligned. Decoded scenarios share the operations that take few values
+(operations are frozen, and building one costs more than decoding it): these, `NEGOTIATIONS` and the page fills."""
+NEGOTIATIONS: tuple[Negotiate, ...] = tuple(Negotiate(features) for features in range(NEGOTIABLE + 1))
+"""The negotiations without poison_val, by features."""
+_fill_page = functools.cache(FillPage)  # 8 pages times 256 bytes at most
 
 
-def _width(code: int, strict: bool) -> int:
-    if code >= len(WIDTHS):
+def _short(end: int, size: int, length: int) -> Truncated:
+    """Strict decoding's error for a read of `size` bytes ending at `end`, past the `length` bytes of data: short
+    by the bytes it missed, or by one when it began past the end (a one-byte read before it ran out first)."""
+    return Truncated(f"ends {end - length if end - size <= length else 1} byte(s) short at offset {length}")
+
+
+def _read_uint(buf: bytes, pos: int, size: int, length: int, strict: bool) -> tuple[int, int]:
+    """The `size`-byte integer at `pos` and the position after it; strict: Truncated past `length`."""
+    end = pos + size
+    if end > length and strict:
+        raise _short(end, size, length)
+    return int.from_bytes(buf[pos:end], "little"), end
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The LEB128 integer (10 bytes at most) at `pos` and the position after it."""
+    byte = buf[pos]
+    value, shift, end = byte & 0x7F, 7, pos + 1
+    while byte & 0x80 and end < pos + 10:
+        byte = buf[end]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        end += 1
+    return value, end
+
+
+def _buffer(buf: bytes, pos: int, length: int, state: ScenarioState, arg: int,
+            strict: bool) -> tuple[AddBuffer | None, int]:
+    """The AddBuffer whose fields start at `pos` (`arg`: its opcode's), admitted, and the position after it."""
+    size, pos = _read_varint(buf, pos)
+    if pos > length and strict:
+        raise _short(pos, 1, length)
+    if size > MAX_OUT_BYTES:
         if strict:
-            raise DecodeError(f"config access width code {code}")
-        code = len(WIDTHS) - 1
-    return WIDTHS[code]
+            raise DecodeError(f"buffer of {size} bytes, at most {MAX_OUT_BYTES}")
+        size = MAX_OUT_BYTES
+    end = pos + size
+    if end > length:  # the out bytes come from the data only
+        if strict:
+            raise _short(end, size, length)
+        end = max(pos, length)
+    out, count, pos = buf[pos:end], buf[end], end + 1
+    if count > MAX_IN_PAGES and strict:
+        raise DecodeError(f"{count} device-writable pages, at most {MAX_IN_PAGES}")
+    in_pfns: tuple[int, ...] = ()
+    for _ in range(count % (MAX_IN_PAGES + 1)):
+        pfn = SELECTED_PFNS[buf[pos]]
+        pos += 1
+        if pfn is None:
+            pfn, pos = _read_uint(buf, pos, 4, length, strict)
+        in_pfns += (pfn,)
+    queues = state.usable_queues()  # none before Negotiate: the buffer is dropped
+    if not queues:
+        return None, pos
+    queue = queues[arg % len(queues)]
+    admitted = state.buffer_fields(queue, out, in_pfns)
+    return (None if admitted is None else AddBuffer(queue, *admitted)), pos
 
 
-def _pfn(reader: _Reader) -> int:
-    selector = reader.u8()
-    if selector < len(POOL_PFNS):
-        return POOL_PFNS[selector]
-    if selector == RAW_PFN:
-        return reader.uint(4)
-    return INTERESTING_PFNS[(selector - len(POOL_PFNS)) % len(INTERESTING_PFNS)]
+VERSION_PROBLEMS: tuple[str | None, ...] = tuple(
+    None if version in SUPPORTED_VERSIONS else f"format version {version} " + (
+        f"is newer than this vballoon reads (up to {VERSION}); replay it with a newer vballoon" if version > VERSION
+        else f"is unknown (this vballoon reads {', '.join(map(str, SUPPORTED_VERSIONS))})") for version in range(256))
+"""Why strict decoding refuses a version byte (None: it does not)."""
 
 
-def _operation(reader: _Reader, state: ScenarioState, kinds: tuple[type, ...]) -> Operation:
-    """One operation as written, before `ScenarioState.admit`; `kinds`: the version's opcode table."""
-    opcode = reader.u8()
-    cls, arg = kinds[opcode & 0x0F], opcode >> 4
-    if cls is HostRequestKind:
-        if arg >= len(HOST_REQUESTS) and reader.strict:
-            raise DecodeError(f"host request code {arg} at offset {reader.pos - 1}")
-        cls = HOST_REQUESTS[arg % len(HOST_REQUESTS)]
-    if cls is Negotiate:
-        features = reader.u8()
-        return Negotiate(features & NEGOTIABLE, reader.uint(4) if arg & 1 else None)
-    if cls is SetTarget:
-        return SetTarget(max(-(1 << 31), min(reader.zigzag(), 1 << 31)))
-    if cls in (WriteConfig, ReadConfig):
-        width = _width(arg & 3, reader.strict)
-        offset = reader.u8()
-        if offset >= CONFIG_OFFSETS:
-            if reader.strict:
-                raise DecodeError(f"config offset {offset} at offset {reader.pos - 1}")
-            offset %= CONFIG_OFFSETS
-        return WriteConfig(offset, width, reader.uint(width)) if cls is WriteConfig else ReadConfig(offset, width)
-    if cls is AddBuffer:
-        queues = state.usable_queues() or (INFLATEQ,)
-        queue = queues[arg % len(queues)]
-        length = reader.varint()
-        if length > MAX_OUT_BYTES and reader.strict:
-            raise DecodeError(f"buffer of {length} bytes, at most {MAX_OUT_BYTES}")
-        if reader.strict:
-            out = reader.take(length)
-        else:
-            out = reader.data[reader.pos:reader.pos + min(length, MAX_OUT_BYTES)]
-            reader.pos += len(out)
-        count = reader.u8()
-        if count > MAX_IN_PAGES and reader.strict:
-            raise DecodeError(f"{count} device-writable pages, at most {MAX_IN_PAGES}")
-        return AddBuffer(queue, bytes(out), tuple(_pfn(reader) for _ in range(count % (MAX_IN_PAGES + 1))))
-    if cls is FillPage:
-        return FillPage(POOL_PFNS[arg % len(POOL_PFNS)], reader.u8())
-    if cls is SetPollingInterval:
-        return SetPollingInterval(max(-(1 << 33), min(reader.zigzag(), 1 << 33)))
-    return cls()
+def _check_header(data: bytes) -> None:
+    """Strict decoding's checks of the version and device bytes."""
+    if not data:
+        raise DecodeError("empty")
+    if VERSION_PROBLEMS[data[0]]:
+        raise DecodeError(VERSION_PROBLEMS[data[0]])
+    if len(data) < 2:
+        raise _short(2, 1, 1)
+    if data[1] & DEVICE_RESERVED_BITS:
+        raise DecodeError(f"reserved device bits set in {data[1]:#04x}")
 
 
 def decode(data: bytes, *, strict: bool = False) -> Scenario:
     """The scenario `data` encodes. Lenient (default): any bytes give a runnable scenario. Strict: DecodeError
-    on a version this code does not read, reserved bits, unknown codes or truncation."""
-    reader = _Reader(data, strict)
+    on a version this code does not read, reserved bits, unknown codes or truncation.
+
+    One loop reads `data` followed by `PAD` (missing bytes read as zero; strict decoding checks the reads that
+    may end past the data, and the position after each operation) and admits each operation as it is read:
+    the same as `ScenarioState.admit` on the operation as written.
+    """
     if strict:
-        if not data:
-            raise DecodeError("empty")
-        if data[0] not in SUPPORTED_VERSIONS:
-            newer = data[0] > VERSION
-            raise DecodeError(f"format version {data[0]} " + (
-                f"is newer than this vballoon reads (up to {VERSION}); replay it with a newer vballoon" if newer
-                else f"is unknown (this vballoon reads {', '.join(map(str, SUPPORTED_VERSIONS))})"))
-    kinds = KINDS_BY_VERSION.get(reader.u8(), KINDS)  # the lenient decoder reads unknown versions as the current
-    device = reader.u8()
-    if strict and device & DEVICE_RESERVED_BITS:
-        raise DecodeError(f"reserved device bits set in {device:#04x}")
-    variant, legacy_interface = device_from_byte(device)
-    state = ScenarioState(variant, host_requests_left=None if kinds is VERSION_1_KINDS else MAX_HOST_REQUESTS)
+        _check_header(data)
+    buf, length = data + PAD, len(data)
+    version = buf[0]
+    opcodes = OPCODES_BY_VERSION.get(version, OPCODES_BY_VERSION[VERSION])  # lenient: unknown versions as the current
+    variant, legacy_interface = device_from_byte(buf[1])
+    state = ScenarioState(variant, None, {}, None if version == 1 else MAX_HOST_REQUESTS)  # version 1: no limit
     operations: list[Operation] = []
-    while reader.more() and len(operations) < MAX_OPERATIONS:
-        start = reader.pos
-        try:
-            op = _operation(reader, state, kinds)
-        except Truncated as error:
-            raise Truncated(f"operation {len(operations) + 1} (at offset {start}) {error}") from None
-        admitted = state.admit(op)
-        if admitted is not None:
-            operations.append(admitted)
-    if strict and reader.more():
+    op: Operation | None
+    pos = 2
+    try:
+        while pos < length and len(operations) < MAX_OPERATIONS:
+            start = pos
+            kind, arg = opcodes[buf[pos]]
+            pos += 1
+            if kind is ReadConfig or kind is WriteConfig:
+                code = arg & 3
+                if code > MAX_WIDTH_CODE:
+                    if strict:
+                        raise DecodeError(f"config access width code {code}")
+                    code = MAX_WIDTH_CODE
+                offset = buf[pos]
+                if offset >= CONFIG_OFFSETS:
+                    if strict:
+                        raise DecodeError(f"config offset {offset} at offset {pos}")
+                    offset %= CONFIG_OFFSETS
+                pos += 1
+                if kind is ReadConfig:
+                    op = READS[code][offset]
+                else:
+                    width = WIDTHS[code]
+                    end = pos + width
+                    if end > length and strict:
+                        raise _short(end, width, length)
+                    op = state.config_write(offset, width, int.from_bytes(buf[pos:end], "little"))
+                    pos = end
+            elif kind is AddBuffer:
+                op, pos = _buffer(buf, pos, length, state, arg, strict)
+            elif kind is Negotiate:
+                features = state.negotiate(buf[pos] & NEGOTIABLE)
+                if arg & 1:
+                    poison_val, pos = _read_uint(buf, pos + 1, 4, length, strict)
+                    op = Negotiate(features, poison_val)
+                else:
+                    op, pos = NEGOTIATIONS[features], pos + 1
+            elif kind is FillPage:  # always runnable
+                op = _fill_page(POOL_PFNS[arg % POOL_PAGES], buf[pos])
+                pos += 1
+            else:
+                if kind is HostRequestKind:
+                    if arg >= len(HOST_REQUESTS) and strict:
+                        raise DecodeError(f"host request code {arg} at offset {start}")
+                    kind = HOST_REQUESTS[arg % len(HOST_REQUESTS)]
+                if kind is Reset:
+                    op = state.admit(Reset())
+                elif kind is SetTarget or kind is SetPollingInterval:
+                    raw, pos = _read_varint(buf, pos)
+                    bound = 1 << 31 if kind is SetTarget else 1 << 33
+                    op = state.host_request(kind(max(-bound, min((raw >> 1) ^ -(raw & 1), bound))))  # zigzag
+                else:
+                    op = state.host_request(kind())
+            if pos > length and strict:
+                raise _short(pos, 1, length)  # a one-byte read ran out: the longer ones check themselves
+            if op is not None:
+                operations.append(op)
+    except Truncated as error:
+        raise Truncated(f"operation {len(operations) + 1} (at offset {start}) {error}") from None
+    if strict and pos < length:
         raise DecodeError(f"more than {MAX_OPERATIONS} operations")
     return Scenario(variant, legacy_interface, tuple(operations))
 

@@ -35,8 +35,8 @@ INSTRUMENTED: dict[str, tuple[str, ...]] = {
     "pfn": (DEVICE, SPEC),
     "hint": (DEVICE, HINTING, SPEC),
     "report": (DEVICE,),
-    "config": (DEVICE, STATS, HINTING, SPEC, DECODER),
-    "scenario": (DEVICE, STATS, HINTING, SPEC, DECODER),
+    "config": (DEVICE,),
+    "scenario": (DEVICE, STATS, HINTING, SPEC),
     "qemu_differential": (DEVICE, STATS, HINTING, SPEC, DECODER),
 }
 """The modules whose coverage guides each target: the parts of the device model and the wire codecs (spec) its

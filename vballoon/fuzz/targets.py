@@ -23,9 +23,7 @@ from vballoon.transport import (POOL_PFNS, AddBuffer, FillPage, Negotiate, Opera
 HINT_DEVICE = 8
 REPORTING_DEVICE = 16
 POOL_FILL = 0xA5
-"""Pool pages are filled before their buffer so a page the device discards reads back differently. The fills
-come after the negotiation: they commute with it, and so every input of a device shares one template of the
-negotiated reference (`vballoon.fuzz.reference_run`)."""
+"""Pool pages are filled before their buffer so a page the device discards reads back differently."""
 
 
 def _runnable(variant: Variant, legacy_interface: bool, ops: list[Operation]) -> Scenario:
@@ -69,7 +67,7 @@ def hint_scenario(data: bytes) -> Scenario:
 
 REPORT_POISON_VALS = (0, POOL_FILL * 0x01010101, (POOL_FILL ^ 0xFF) * 0x01010101)
 """poison_val by class: zero (QEMU discards the pages), the pages' own pattern, another pattern. What the device
-may do to a reported page depends only on that class, and a few values keep one template per device."""
+may do to a reported page depends only on that class, so other values would only repeat executions."""
 
 
 def report_scenario(data: bytes) -> Scenario:

@@ -11,6 +11,7 @@ page sets, and for each page the outcomes a conforming device may produce.
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 
 from vballoon.errors import DecodeError
@@ -50,6 +51,10 @@ INFLATED = frozenset({PageOutcome.UNCHANGED, PageOutcome.ZERO})
 REPORTED_WITHOUT_POISON = frozenset({PageOutcome.UNCHANGED, PageOutcome.ZERO})
 REPORTED_WITH_POISON = frozenset({PageOutcome.UNCHANGED, PageOutcome.POISON})
 HINTED = frozenset({PageOutcome.ANY})
+_CONFIG_FIELDS = struct.Struct("<4I")
+"""num_pages, actual, free_page_hint_cmd_id, poison_val (BAL-CFG-LEG-LE: little endian on every interface)."""
+_ACTUAL, _POISON_VAL = int(ConfigField.ACTUAL), int(ConfigField.POISON_VAL)
+_ACTUAL_END = _ACTUAL + CONFIG_FIELD_SIZE
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,10 @@ class DeviceProperties:
         bits += [Feature.VERSION_1] if self.modern else []
         return feature_mask(*bits) | self.ring_features
 
+    @functools.cached_property  # read on every config access
+    def config_size(self) -> int:
+        return config_size(self.offered_features, self.qemu_4_0_config_size)
+
     @functools.cached_property
     def queue_names(self) -> tuple[str, ...]:
         """Queues in index order; absent queues take no index."""
@@ -102,18 +111,15 @@ class BalloonChange:
     actual: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Queue:
     """Registers and ring of one virtqueue."""
 
     name: str
     max_size: int
-    size: int = 0
+    size: int
     ring: SplitDeviceQueue | None = None
     interrupts: int = 0
-
-    def __post_init__(self) -> None:
-        self.size = self.max_size
 
 
 @dataclass
@@ -157,7 +163,7 @@ class BalloonDevice:
         """Legacy: bytes of `actual` written before its last byte (BAL-DEV-LEG-ACT)."""
         self.held_stats: tuple[int, Chain] | None = None
         """The stats buffer the device holds until the next poll: (queue index, chain)."""
-        self.queues = [Queue(name, QUEUE_MAX_SIZES[name]) for name in self.properties.queue_names]
+        self.queues = [Queue(name, QUEUE_MAX_SIZES[name], QUEUE_MAX_SIZES[name]) for name in self.properties.queue_names]
 
     def reset(self) -> None:
         """Device reset: status, features, queues, poison_val; num_pages and actual persist (QEMU 7.2)."""
@@ -215,18 +221,22 @@ class BalloonDevice:
 
     @property
     def config_size(self) -> int:
-        return config_size(self.offered_features, self.properties.qemu_4_0_config_size)
+        return self.properties.config_size
 
     def config(self) -> BalloonConfig:
         return BalloonConfig(self.num_pages, self.actual, self.hinting.config_cmd_id, self.poison_val)
 
+    def config_bytes(self) -> bytes:
+        """The config space as the driver reads it: `config().encode(config_size)`, without the dataclass."""
+        fields = _CONFIG_FIELDS.pack(self.num_pages, self.actual, self.hinting.config_cmd_id, self.poison_val)
+        return fields[:self.properties.config_size]
+
     def read_config(self, offset: int, width: int) -> int:
         """Read 1, 2 or 4 config bytes (little endian: BAL-CFG-LEG-LE); all ones past the end."""
         self._check_width(width)
-        if offset < 0 or offset + width > self.config_size:
+        if offset < 0 or offset + width > self.properties.config_size:
             return (1 << 8 * width) - 1
-        data = self.config().encode(self.config_size)
-        return int.from_bytes(data[offset : offset + width], "little")
+        return int.from_bytes(self.config_bytes()[offset : offset + width], "little")
 
     def write_config(self, offset: int, width: int, value: int) -> None:
         """Write 1, 2 or 4 config bytes; only `actual` and `poison_val` are driver-writable.
@@ -234,18 +244,17 @@ class BalloonDevice:
         Writes past the end are ignored, as in QEMU 7.2.
         """
         self._check_width(width)
-        if offset < 0 or offset + width > self.config_size:
+        if offset < 0 or offset + width > self.properties.config_size:
             return
-        image = bytearray(self.config().encode(self.config_size))
+        image = bytearray(self.config_bytes())
         if self.staged_actual is not None:
-            image[ConfigField.ACTUAL : ConfigField.ACTUAL + CONFIG_FIELD_SIZE] = self.staged_actual
-        image[offset : offset + width] = (value & ((1 << 8 * width) - 1)).to_bytes(width, "little")
-        written = range(offset, offset + width)
-        actual_bytes = bytes(image[ConfigField.ACTUAL : ConfigField.ACTUAL + CONFIG_FIELD_SIZE])
-        if any(i in written for i in range(ConfigField.ACTUAL, ConfigField.ACTUAL + CONFIG_FIELD_SIZE)):
-            self._write_actual(actual_bytes, last_byte_written=ConfigField.ACTUAL + 3 in written)
-        if self.config_size > ConfigField.POISON_VAL and any(i >= ConfigField.POISON_VAL for i in written):
-            self._write_poison_val(int.from_bytes(image[ConfigField.POISON_VAL :], "little"))
+            image[_ACTUAL:_ACTUAL_END] = self.staged_actual
+        end = offset + width
+        image[offset:end] = (value & ((1 << 8 * width) - 1)).to_bytes(width, "little")
+        if offset < _ACTUAL_END and end > _ACTUAL:
+            self._write_actual(bytes(image[_ACTUAL:_ACTUAL_END]), last_byte_written=end >= _ACTUAL_END)
+        if end > _POISON_VAL:  # only a 16-byte config space reaches it
+            self._write_poison_val(int.from_bytes(image[_POISON_VAL:], "little"))
 
     @staticmethod
     def _check_width(width: int) -> None:
@@ -468,16 +477,3 @@ class BalloonDevice:
     def page_content_allowed(self, pfn: int, observed: bytes) -> bool:
         """Whether a device that left `observed` in page `pfn` conforms."""
         return self.ram.content_allowed(pfn, observed)
-
-    def check_invariants(self) -> None:
-        """Raise AssertionError if the device state is inconsistent."""
-        ram_pages = self.ram.num_pages
-        assert self.num_pages <= ram_pages, f"num_pages {self.num_pages} above RAM pages {ram_pages}"
-        for pages in (self.ballooned, self.hinted, self.reported):
-            assert not pages or 0 <= min(pages) and max(pages) < ram_pages, "page set outside RAM"
-        if self.status & Status.FEATURES_OK:
-            assert not self.driver_features & ~self.offered_features, "FEATURES_OK with unoffered features"
-        if not self._has(Feature.PAGE_POISON):
-            assert self.poison_val == 0, "poison_val set without PAGE_POISON"
-        assert bool(self.status & Status.DEVICE_NEEDS_RESET) <= self.broken, "NEEDS_RESET on a working device"
-        self.hinting.check_invariants()

@@ -9,6 +9,7 @@ guest would.
 
 from __future__ import annotations
 
+import functools
 from typing import Collection, Iterable, Sequence
 
 from vballoon.errors import UsageError
@@ -33,6 +34,17 @@ DRIVER_REGION = 2 << 20
 _SCRATCH_ALIGN = 64
 
 
+@functools.lru_cache(maxsize=64)  # every negotiation lays out the same rings again
+def _ring_layouts(sizes: tuple[int, ...], start: int, modern: bool) -> tuple[SplitLayout, ...]:
+    """The rings of queues of `sizes`, one after the other from `start` (legacy: each on a page boundary)."""
+    layouts = []
+    for size in sizes:
+        layout = SplitLayout.modern(size, start) if modern else SplitLayout.legacy(size, -(-start // PAGE_SIZE) * PAGE_SIZE)
+        layouts.append(layout)
+        start = layout.used + SplitLayout.used_bytes(size)
+    return tuple(layouts)
+
+
 class ReferenceDriver:
     """Drives a `BalloonDevice` over split rings kept in the top `DRIVER_REGION` of its RAM."""
 
@@ -42,7 +54,6 @@ class ReferenceDriver:
         if self.region_start < 0:
             raise UsageError(f"RAM of {device.ram.size} bytes is smaller than the driver region of {DRIVER_REGION}")
         self.queues: dict[str, SplitDriverQueue] = {}
-        self._next_ring = self.region_start
         self._scratch_start = self.region_start + DRIVER_REGION // 2
         self._next_scratch = self._scratch_start
 
@@ -76,14 +87,9 @@ class ReferenceDriver:
                 return False
             status |= Status.FEATURES_OK
         self.queues = {}
-        self._next_ring = self.region_start
         modern = has_feature(features, Feature.VERSION_1)
-        for index, queue in enumerate(device.queues):
-            if modern:
-                layout = SplitLayout.modern(queue.size, self._next_ring)
-            else:
-                layout = SplitLayout.legacy(queue.size, -(-self._next_ring // PAGE_SIZE) * PAGE_SIZE)
-            self._next_ring = layout.used + SplitLayout.used_bytes(queue.size)
+        layouts = _ring_layouts(tuple(queue.size for queue in device.queues), self.region_start, modern)
+        for index, (queue, layout) in enumerate(zip(device.queues, layouts, strict=True)):
             if queues is not None and queue.name not in queues:
                 continue
             if modern:

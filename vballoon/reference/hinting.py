@@ -98,12 +98,3 @@ class FreePageHinting:
         """Device reset stops hinting (QEMU: virtio_balloon_free_page_stop)."""
         self.state = HintState.STOP
         self.driver_id = None
-
-    def check_invariants(self) -> None:
-        """Raise AssertionError if the state is inconsistent."""
-        assert self.counter >= CMD_ID_MIN, f"command id counter {self.counter:#x} below {CMD_ID_MIN:#x}"
-        if self.state in (HintState.REQUESTED, HintState.START):
-            assert self.counter in self.unreleased, f"current id {self.counter:#x} is not tracked as issued"
-        if self.state is HintState.START:
-            assert self.driver_id == self.counter, "started without the driver sending the current id"
-        assert all(i >= CMD_ID_MIN for i in self.unreleased), "an issued id below CMD_ID_MIN"
