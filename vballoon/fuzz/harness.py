@@ -40,12 +40,14 @@ INSTRUMENTED: dict[str, tuple[str, ...]] = {
     "qemu_differential": (DEVICE, STATS, HINTING, SPEC, DECODER),
 }
 """The modules whose coverage guides each target: the parts of the device model and the wire codecs (spec) its
-input reaches, and the scenario decoder for the targets that decode whole scenarios (which operations an input
-holds). The in-memory driver, the rings, guest RAM and the QEMU side run uninstrumented: every input builds rings
-and moves pages the same way, and their branches (bounds checks) are seen again in the device model that catches
-their errors. Each instrumented module costs every execution (libFuzzer reads its counters): the report target
-runs 7% faster on the device alone. Named here, not read from `vballoon.fuzz.targets`: importing that before
-instrumenting would leave the device model uninstrumented."""
+input reaches. The in-memory driver, the rings, guest RAM, the reference's invariants (the oracle) and the QEMU
+side run uninstrumented: every input builds rings and moves pages the same way, and their branches (bounds checks)
+are seen again in the device model that catches their errors. Each instrumented module costs every execution: the
+report target runs 7% faster on the device alone, and instrumenting the scenario decoder cost the config target a
+third of its executions. The decoder guides only the differential target, where an execution is QEMU's to pay for
+and operations the reference model does not see (stop, cont, page fills) still differ on QEMU. Named here, not
+read from `vballoon.fuzz.targets`: importing that before instrumenting would leave the device model
+uninstrumented."""
 
 
 class FindingRaised(Exception):

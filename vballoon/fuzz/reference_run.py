@@ -33,7 +33,7 @@ def step_reference(reference: ReferenceTransport, op: Operation,
     """Apply one operation (a Negotiate setting up `queues`, default all), then fire due timers while the
     machine runs (as QEMU's main loop does)."""
     result = reference.apply(op, queues)
-    if reference.running:
+    if reference.running and reference.device.stats.poll_deadline is not None:  # no timer armed: nothing is due
         reference.device.run_timers()
     return result
 

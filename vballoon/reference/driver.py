@@ -88,7 +88,8 @@ class ReferenceDriver:
             status |= Status.FEATURES_OK
         self.queues = {}
         modern = has_feature(features, Feature.VERSION_1)
-        layouts = _ring_layouts(tuple(queue.size for queue in device.queues), self.region_start, modern)
+        layouts = _ring_layouts(tuple([queue.size for queue in device.queues]), self.region_start, modern)
+        event_idx, endian = has_feature(features, Feature.EVENT_IDX), device.endian
         for index, (queue, layout) in enumerate(zip(device.queues, layouts, strict=True)):
             if queues is not None and queue.name not in queues:
                 continue
@@ -96,9 +97,7 @@ class ReferenceDriver:
                 device.set_queue_rings(index, layout.desc, layout.avail, layout.used)
             else:
                 device.set_queue_pfn(index, layout.desc >> PFN_SHIFT)
-            self.queues[queue.name] = SplitDriverQueue(
-                device.ram, layout, event_idx=has_feature(features, Feature.EVENT_IDX), endian=device.endian
-            )
+            self.queues[queue.name] = SplitDriverQueue(device.ram, layout, event_idx=event_idx, endian=endian)
         if poison_val is not None and has_feature(features, Feature.PAGE_POISON):
             device.write_config(ConfigField.POISON_VAL, 4, poison_val)
         device.write_status(status | Status.DRIVER_OK)

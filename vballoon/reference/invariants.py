@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vballoon.reference.hinting import FreePageHinting, HintState
-from vballoon.spec import CMD_ID_MIN, Feature, Status
+from vballoon.spec import CMD_ID_MIN, PFN_SHIFT, Feature, Status
 
 if TYPE_CHECKING:
     from vballoon.reference.device import BalloonDevice
@@ -20,10 +20,11 @@ _POISON_BIT = 1 << Feature.PAGE_POISON
 
 def check_device(device: BalloonDevice) -> None:
     """Raise AssertionError if the device's state is inconsistent."""
-    ram_pages = device.ram.num_pages
+    ram_pages = device.ram.size >> PFN_SHIFT
     assert device.num_pages <= ram_pages, f"num_pages {device.num_pages} above RAM pages {ram_pages}"
-    for pages in (device.ballooned, device.hinted, device.reported):
-        assert not pages or 0 <= min(pages) and max(pages) < ram_pages, "page set outside RAM"
+    if device.ballooned or device.hinted or device.reported:
+        for pages in (device.ballooned, device.hinted, device.reported):
+            assert not pages or 0 <= min(pages) and max(pages) < ram_pages, "page set outside RAM"
     status, features = device.status, device.driver_features
     if status & Status.FEATURES_OK:
         assert not features & ~device.offered_features, "FEATURES_OK with unoffered features"

@@ -59,11 +59,11 @@ class GuestRam:
             raise MemoryAccessError(f"access of {n} bytes at {addr:#x} outside guest RAM of {self.size:#x} bytes")
 
     def read(self, addr: int, n: int) -> bytes:
-        self._check(addr, n)
         offset = addr & (PAGE_SIZE - 1)
-        if offset + n <= PAGE_SIZE:  # within one page: ring fields, descriptors, most buffers
+        if offset + n <= PAGE_SIZE and 0 <= addr and 0 <= n and addr + n <= self.size:  # ring fields, most buffers
             page = self._pages.get(addr >> PFN_SHIFT)
             return bytes(page[offset:offset + n]) if page is not None else bytes(n)
+        self._check(addr, n)
         out = bytearray()
         while n:
             pfn, offset = divmod(addr, PAGE_SIZE)
@@ -74,11 +74,12 @@ class GuestRam:
         return bytes(out)
 
     def write(self, addr: int, data: bytes) -> None:
-        self._check(addr, len(data))
+        n = len(data)
         offset = addr & (PAGE_SIZE - 1)
-        if offset + len(data) <= PAGE_SIZE:  # within one page
-            self._written_page(addr >> PFN_SHIFT)[offset:offset + len(data)] = data
+        if offset + n <= PAGE_SIZE and 0 <= addr and addr + n <= self.size:  # within one page
+            self._written_page(addr >> PFN_SHIFT)[offset:offset + n] = data
             return
+        self._check(addr, n)
         view = memoryview(bytes(data))
         while view:
             pfn, offset = divmod(addr, PAGE_SIZE)
@@ -88,8 +89,9 @@ class GuestRam:
 
     def _written_page(self, pfn: int) -> bytearray:
         """Page `pfn` about to be written: created if untouched, its content defined again (no latitude)."""
-        self._latitude.pop(pfn, None)
-        self._poison.pop(pfn, None)
+        if self._latitude:
+            self._latitude.pop(pfn, None)
+            self._poison.pop(pfn, None)
         page = self._pages.get(pfn)
         if page is None:
             page = self._pages[pfn] = bytearray(PAGE_SIZE)
