@@ -35,7 +35,6 @@ from vballoon.spec import (
     decode_cmd_id,
     decode_pfns,
     feature_mask,
-    has_feature,
 )
 from vballoon.virtqueue import Chain, MalformedRingError, SplitDeviceQueue, SplitLayout
 
@@ -55,6 +54,7 @@ HINTED = frozenset({PageOutcome.ANY})
 _CONFIG_FIELDS = struct.Struct("<4I")
 """num_pages, actual, free_page_hint_cmd_id, poison_val (BAL-CFG-LEG-LE: little endian on every interface)."""
 _ACTUAL, _POISON_VAL = int(ConfigField.ACTUAL), int(ConfigField.POISON_VAL)
+_CONFIG_WIDTHS = (1, 2, 4)
 _ACTUAL_END = _ACTUAL + CONFIG_FIELD_SIZE
 
 
@@ -136,6 +136,10 @@ class DriverViolation:
     detail: str
 
 
+def _width_rejected(width: int) -> RequestRejected:
+    return RequestRejected(f"config access width {width}: use 1, 2 or 4")
+
+
 class BalloonDevice:
     """The reference virtio-balloon device."""
 
@@ -183,7 +187,7 @@ class BalloonDevice:
         return self.properties.offered_features
 
     def _has(self, feature: Feature) -> bool:
-        return has_feature(self.driver_features, feature)
+        return bool(self.driver_features >> feature & 1)  # has_feature inline: asked on every buffer
 
     @property
     def modern(self) -> bool:
@@ -209,7 +213,7 @@ class BalloonDevice:
             self.reset()
             return
         newly = value & ~self.status
-        if newly & Status.FEATURES_OK and self.driver_features & ~self.offered_features:
+        if newly & Status.FEATURES_OK and self.driver_features & ~self.properties.offered_features:
             value &= ~Status.FEATURES_OK
         self.status = value | (self.status & Status.DEVICE_NEEDS_RESET)
 
@@ -240,7 +244,8 @@ class BalloonDevice:
 
     def read_config(self, offset: int, width: int) -> int:
         """Read 1, 2 or 4 config bytes (little endian: BAL-CFG-LEG-LE); all ones past the end."""
-        self._check_width(width)
+        if width not in _CONFIG_WIDTHS:  # checked here, not in a helper: every config access passes by
+            raise _width_rejected(width)
         if offset < 0 or offset + width > self.properties.config_size:
             return (1 << 8 * width) - 1
         return int.from_bytes(self.config_bytes()[offset : offset + width], "little")
@@ -250,7 +255,8 @@ class BalloonDevice:
 
         Writes past the end are ignored, as in QEMU 7.2.
         """
-        self._check_width(width)
+        if width not in _CONFIG_WIDTHS:
+            raise _width_rejected(width)
         if offset < 0 or offset + width > self.properties.config_size:
             return
         image = bytearray(self.config_bytes())
@@ -262,11 +268,6 @@ class BalloonDevice:
             self._write_actual(bytes(image[_ACTUAL:_ACTUAL_END]), last_byte_written=end >= _ACTUAL_END)
         if end > _POISON_VAL:  # only a 16-byte config space reaches it
             self._write_poison_val(int.from_bytes(image[_POISON_VAL:], "little"))
-
-    @staticmethod
-    def _check_width(width: int) -> None:
-        if width not in (1, 2, 4):
-            raise RequestRejected(f"config access width {width}: use 1, 2 or 4")
 
     def _write_actual(self, data: bytes, *, last_byte_written: bool) -> None:
         """Apply `actual`; a legacy device waits for its last byte (BAL-DEV-LEG-ACT).
@@ -325,16 +326,10 @@ class BalloonDevice:
         queue = self.queues[index]
         if queue.ring is None or self.broken:
             return
-        handler = {
-            INFLATEQ: self._inflate,
-            DEFLATEQ: self._deflate,
-            STATSQ: self._receive_stats,
-            FREE_PAGE_VQ: self._free_page_hints,
-            REPORTING_VQ: self._report,
-        }[queue.name]
+        handler = _QUEUE_HANDLERS[queue.name]
         try:
             while (chain := queue.ring.pop()) is not None:
-                handler(index, chain)
+                handler(self, index, chain)
         except (MalformedRingError, DeviceError) as exc:
             self._fail(str(exc))
 
@@ -485,3 +480,13 @@ class BalloonDevice:
     def page_content_allowed(self, pfn: int, observed: bytes) -> bool:
         """Whether a device that left `observed` in page `pfn` conforms."""
         return self.ram.content_allowed(pfn, observed)
+
+
+_QUEUE_HANDLERS = {
+    INFLATEQ: BalloonDevice._inflate,
+    DEFLATEQ: BalloonDevice._deflate,
+    STATSQ: BalloonDevice._receive_stats,
+    FREE_PAGE_VQ: BalloonDevice._free_page_hints,
+    REPORTING_VQ: BalloonDevice._report,
+}
+"""What the device does with a chain popped from each queue."""

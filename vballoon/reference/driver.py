@@ -25,13 +25,16 @@ from vballoon.spec import (
     encode_pfns,
     encode_stats,
     feature_mask,
-    has_feature,
 )
 from vballoon.virtqueue import Buffer, SplitDriverQueue, SplitLayout, UsedElement
 
 DRIVER_REGION = 2 << 20
 """Bytes at the top of RAM the driver keeps for rings and buffers."""
 _SCRATCH_ALIGN = 64
+_WANTED = feature_mask(*BALLOON_FEATURES[1:], Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1)
+"""What `ReferenceDriver.negotiate` accepts by default: every balloon and ring feature but MUST_TELL_HOST."""
+_VERSION_1, _EVENT_IDX, _PAGE_POISON = (feature_mask(bit) for bit in (Feature.VERSION_1, Feature.EVENT_IDX,
+                                                                     Feature.PAGE_POISON))
 
 
 @functools.lru_cache(maxsize=64)  # every negotiation lays out the same rings again
@@ -77,19 +80,18 @@ class ReferenceDriver:
         device.write_status(Status.ACKNOWLEDGE)
         device.write_status(Status.ACKNOWLEDGE | Status.DRIVER)
         if features is None:
-            wanted = feature_mask(*BALLOON_FEATURES[1:], Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1)
-            features = device.offered_features & wanted
+            features = device.offered_features & _WANTED
         device.write_driver_features(features)
         status = Status.ACKNOWLEDGE | Status.DRIVER
-        if has_feature(features, Feature.VERSION_1):  # legacy devices have no FEATURES_OK
+        modern = bool(features & _VERSION_1)  # bit tests here, not has_feature: this runs for every negotiation
+        if modern:  # legacy devices have no FEATURES_OK
             device.write_status(status | Status.FEATURES_OK)
             if not device.status & Status.FEATURES_OK:
                 return False
             status |= Status.FEATURES_OK
         self.queues = {}
-        modern = has_feature(features, Feature.VERSION_1)
         layouts = _ring_layouts(tuple([queue.size for queue in device.queues]), self.region_start, modern)
-        event_idx, endian = has_feature(features, Feature.EVENT_IDX), device.endian
+        event_idx, endian = bool(features & _EVENT_IDX), device.endian
         for index, (queue, layout) in enumerate(zip(device.queues, layouts, strict=True)):
             if queues is not None and queue.name not in queues:
                 continue
@@ -98,7 +100,7 @@ class ReferenceDriver:
             else:
                 device.set_queue_pfn(index, layout.desc >> PFN_SHIFT)
             self.queues[queue.name] = SplitDriverQueue(device.ram, layout, event_idx=event_idx, endian=endian)
-        if poison_val is not None and has_feature(features, Feature.PAGE_POISON):
+        if poison_val is not None and features & _PAGE_POISON:
             device.write_config(ConfigField.POISON_VAL, 4, poison_val)
         device.write_status(status | Status.DRIVER_OK)
         return True

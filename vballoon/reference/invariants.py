@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from vballoon.reference.device import BalloonDevice
 
 _POISON_BIT = 1 << Feature.PAGE_POISON
+_FEATURES_OK, _NEEDS_RESET = Status.FEATURES_OK, Status.DEVICE_NEEDS_RESET
+_REQUESTED, _START = HintState.REQUESTED, HintState.START  # plain names: looked up after every operation
 
 
 def check_device(device: BalloonDevice) -> None:
@@ -26,11 +28,11 @@ def check_device(device: BalloonDevice) -> None:
         for pages in (device.ballooned, device.hinted, device.reported):
             assert not pages or 0 <= min(pages) and max(pages) < ram_pages, "page set outside RAM"
     status, features = device.status, device.driver_features
-    if status & Status.FEATURES_OK:
-        assert not features & ~device.offered_features, "FEATURES_OK with unoffered features"
+    if status & _FEATURES_OK:
+        assert not features & ~device.properties.offered_features, "FEATURES_OK with unoffered features"
     if not features & _POISON_BIT:
         assert device.poison_val == 0, "poison_val set without PAGE_POISON"
-    assert not status & Status.DEVICE_NEEDS_RESET or device.broken, "NEEDS_RESET on a working device"
+    assert not status & _NEEDS_RESET or device.broken, "NEEDS_RESET on a working device"
     check_hinting(device.hinting)
 
 
@@ -38,8 +40,8 @@ def check_hinting(hinting: FreePageHinting) -> None:
     """Raise AssertionError if the free page hinting state is inconsistent."""
     assert hinting.counter >= CMD_ID_MIN, f"command id counter {hinting.counter:#x} below {CMD_ID_MIN:#x}"
     state = hinting.state
-    if state is HintState.REQUESTED or state is HintState.START:
+    if state is _REQUESTED or state is _START:
         assert hinting.counter in hinting.unreleased, f"current id {hinting.counter:#x} is not tracked as issued"
-    if state is HintState.START:
+    if state is _START:
         assert hinting.driver_id == hinting.counter, "started without the driver sending the current id"
     assert not hinting.unreleased or min(hinting.unreleased) >= CMD_ID_MIN, "an issued id below CMD_ID_MIN"
