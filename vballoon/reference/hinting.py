@@ -22,6 +22,10 @@ class HintState(Enum):
     DONE = 3
 
 
+_SHOWING_THE_ID = (HintState.REQUESTED, HintState.START)
+"""States in which the config space shows the issued id (a constant: read on every config access)."""
+
+
 class FreePageHinting:
     """Command ids issued by the device and whether hinted pages count."""
 
@@ -43,7 +47,7 @@ class FreePageHinting:
         QEMU 7.2 shows 0 (STOP) once the driver has started (state START);
         the reference keeps showing the id, which the spec requires.
         """
-        if self.state in (HintState.REQUESTED, HintState.START):
+        if self.state in _SHOWING_THE_ID:
             return self.counter
         return CMD_ID_DONE if self.state is HintState.DONE else CMD_ID_STOP
 
