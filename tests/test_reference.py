@@ -137,8 +137,9 @@ def test_config_reads_any_width_little_endian():
     assert device.read_config(ConfigField.NUM_PAGES, 4) == 0x1234
     assert device.read_config(ConfigField.NUM_PAGES, 2) == 0x1234
     assert device.read_config(ConfigField.NUM_PAGES + 1, 1) == 0x12
-    with pytest.raises(RequestRejected):
-        device.read_config(0, 3)
+    for access in (device.read_config, lambda offset, width: device.write_config(offset, width, 0)):
+        with pytest.raises(RequestRejected, match="width 3: use 1, 2 or 4"):
+            access(0, 3)
 
 
 @pytest.mark.req("BAL-DRV-ACT-1")

@@ -239,7 +239,7 @@ def driver_features(features: int, offered: int) -> int:
 
 @dataclass(frozen=True)
 class FixedClock:
-    """The reference's clock: time stands still within a scenario (a plain value, so a transport pickles)."""
+    """The reference's clock: time stands still within a scenario."""
 
     seconds: float
 
