@@ -119,7 +119,7 @@ DIFFERENTIAL_VARIANT = Variant(transport="transitional", deflate_on_oom=True, fr
 """The device the differential target fuzzes by default: every property on, modern interface."""
 SHORT_SCENARIO_BYTES = 64
 """max_len of the reference targets that decode operation sequences. In 60 s runs from the seeds, 64 bytes reached
-the same edges as 256 (config: 74) and 512 (scenario: 195) with 1.7 and 2.8 times the executions; longer inputs
+the same edges as 256 (config: 74) and 512 (scenario: 196) with 1.6 and 2.4 times the executions; longer inputs
 add only hit-count buckets of the same edges (repeated operations). Three scenario seeds are longer and start
 truncated (the corpus replay runs them whole); long scenarios are the differential target's (512 bytes)."""
 SCENARIO_FORMAT_TARGETS = ("scenario", "qemu_differential")
