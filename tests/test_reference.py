@@ -505,6 +505,46 @@ def test_guest_ram_is_sparse_and_bounds_checked():
     assert issubclass(MemoryAccessError, VballoonError)
 
 
+def test_guest_ram_refuses_every_access_outside_it():
+    """Within one page and across pages, reads and writes, below zero and past the end."""
+    ram = GuestRam(4 * PAGE_SIZE)
+    for access in (lambda: ram.read(-1, 1), lambda: ram.read(4 * PAGE_SIZE - 1, 2), lambda: ram.read(0, -1),
+                   lambda: ram.write(-2, b"ab"), lambda: ram.write(4 * PAGE_SIZE, b"a"),
+                   lambda: ram.write(4 * PAGE_SIZE - 1, b"ab"), lambda: ram.write(3 * PAGE_SIZE, bytes(PAGE_SIZE + 1))):
+        with pytest.raises(MemoryAccessError, match="outside guest RAM"):
+            access()
+    assert ram.read(0, 4 * PAGE_SIZE) == bytes(4 * PAGE_SIZE), "a refused write changed nothing"
+
+
+# --- the reference's own invariants ------------------------------------------------------
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d: setattr(d, "num_pages", PAGES + 1), "num_pages"),
+    (lambda d: d.ballooned.add(PAGES), "page set outside RAM"),
+    (lambda d: d.hinted.add(PAGES), "page set outside RAM"),
+    (lambda d: d.reported.add(PAGES), "page set outside RAM"),
+    (lambda d: setattr(d, "driver_features", d.driver_features | 1 << Feature.MUST_TELL_HOST), "unoffered features"),
+    (lambda d: setattr(d, "poison_val", 0x5A), "poison_val set without PAGE_POISON"),
+    (lambda d: setattr(d, "status", d.status | Status.DEVICE_NEEDS_RESET), "NEEDS_RESET on a working device"),
+    (lambda d: setattr(d.hinting, "counter", 0), "below"),
+    (lambda d: setattr(d.hinting, "state", HintState.REQUESTED), "not tracked as issued"),
+    (lambda d: (d.request_free_page_hints(), setattr(d.hinting, "state", HintState.START)), "without the driver"),
+    (lambda d: d.hinting.unreleased.add(1), "issued id below CMD_ID_MIN"),
+], ids=["num_pages", "ballooned", "hinted", "reported", "features", "poison_val", "needs_reset", "counter",
+        "requested", "started", "unreleased"])
+def test_the_invariants_catch_each_inconsistent_state(corrupt, message):
+    """The fuzz targets' oracle (`check_device`, after every operation) fails on each state no operation may leave:
+    it passes on a device that negotiated every feature but PAGE_POISON, and fails once one thing is made
+    inconsistent."""
+    device, driver = make(free_page_hint=True, free_page_reporting=True)
+    assert driver.negotiate(device.offered_features & ~feature_mask(Feature.PAGE_POISON)), "negotiation failed"
+    check_device(device)
+    corrupt(device)
+    with pytest.raises(AssertionError, match=message):
+        check_device(device)
+
+
 def test_driver_needs_room_for_its_rings():
     with pytest.raises(VballoonError):
         ReferenceDriver(BalloonDevice(DeviceProperties(ram_size=1 << 20)))

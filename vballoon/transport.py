@@ -285,7 +285,7 @@ class ReferenceTransport:
     def _negotiate(self, op: Negotiate, queues: Collection[str] | None) -> tuple[int | None, str | None]:
         self.hints_held = False
         features = driver_features(op.features, self.device.offered_features)
-        self.poison_val_unspecified = bool(features & _PAGE_POISON) and op.poison_val is None
+        self.poison_val_unspecified = has_feature(features, Feature.PAGE_POISON) and op.poison_val is None
         self.poison_val_was_unspecified |= self.poison_val_unspecified
         if not self.driver.negotiate(features, poison_val=op.poison_val, queues=queues):
             return None, f"FEATURES_OK refused for {features:#x}"
@@ -350,7 +350,6 @@ class ReferenceTransport:
 
 
 _NO_ANSWER: tuple[int | None, str | None] = (None, None)
-_PAGE_POISON = 1 << Feature.PAGE_POISON
 _REFERENCE_STEPS: dict[type, Callable[[ReferenceTransport, Any, Collection[str] | None], tuple[int | None, str | None]]] = {
     Negotiate: ReferenceTransport._negotiate, SetTarget: ReferenceTransport._set_target,
     WriteConfig: ReferenceTransport._write_config, ReadConfig: ReferenceTransport._read_config,

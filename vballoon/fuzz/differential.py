@@ -65,6 +65,9 @@ sets it right after printing, and QEMU's iothread reaches the error within about
 EVENT_RATE_LIMIT = 1.0
 """Seconds: QEMU emits at most one BALLOON_CHANGE per second (monitor_qapi_event_conf, monitor/monitor.c)
 and the last one held back at the end of the period, on the virtual clock, which stops while the VM does."""
+STALE_EVENT_SECONDS = 2 * EVENT_RATE_LIMIT
+"""How long a BALLOON_CHANGE value an earlier input or a restore caused is taken as stale when it heads an input's
+events: twice the period QEMU can hold an event back."""
 STATS_PRIMING_BUFFER = bytes(1)
 """A stats buffer without a whole entry: every statistic unset, last-update set (QEMU 7.2 and reference)."""
 
@@ -352,7 +355,7 @@ class QemuDifferential:
         expected = dataclasses.replace(reference.observe((None, None)), used=tuple(expected_side.used))
         now = time.monotonic()
         self._recent_events = {value: when for value, when in self._recent_events.items()
-                               if when > now - EVENT_RATE_LIMIT * 2} | dict.fromkeys(expected.events, now)
+                               if when > now - STALE_EVENT_SECONDS} | dict.fromkeys(expected.events, now)
         got = self._unobserved_as_expected(scenario, got, expected)
         return self._judge(reference, expected, got, scenario, expected_side, got_side)
 
@@ -497,19 +500,20 @@ class QemuDifferential:
             return Observation(alive=False, crash=crash or (machine.exit_description(),))
         ops = scenario.operations
         query_balloon, stats, stats_updated = 0, (), False
+        ask_balloon, ask_stats = _writes_actual(ops), _may_change_stats(ops)
         queries: list[tuple[str, dict[str, Any]]] = []
-        if _writes_actual(ops):
+        if ask_balloon:
             queries.append(("query-balloon", {}))
-        if _may_change_stats(ops):
+        if ask_stats:
             queries.append(("qom-get", {"path": machine.balloon_qom_path(), "property": "guest-stats"}))
         results = iter(self._ask_then_restore(transport, queries))
-        if _writes_actual(ops):
+        if ask_balloon:
             query_balloon = int(next(results)["actual"])
-        if _may_change_stats(ops):
+        if ask_stats:
             guest_stats = next(results)
             stats, stats_updated = tuple(sorted(guest_stats["stats"].items())), bool(guest_stats["last-update"])
         events = tuple(e["data"]["actual"] for e in machine.qmp.take_events("BALLOON_CHANGE"))
-        stale = {value for value, when in self._recent_events.items() if when > time.monotonic() - EVENT_RATE_LIMIT * 2}
+        stale = {value for value, when in self._recent_events.items() if when > time.monotonic() - STALE_EVENT_SECONDS}
         while events and events[0] in stale:  # an earlier input's event, held back by the rate limit until now
             events = events[1:]
         return Observation(alive=True, status=registers.status, config=bytes(registers.config), used=tuple(side.used),

@@ -107,9 +107,8 @@ class Target:
     scenario_for: Callable[[bytes], Scenario]
     max_len: int
     """libFuzzer's -max_len unless given: room for every layout the decoder reads, not libFuzzer's 4096 bytes
-    (a 4 KiB PFN buffer or 64 operations of long buffers cost many times a typical input). `config` and `scenario`
-    take 64 bytes, about ten operations: from the seeds they reach the edges they reach with 256 and 512 bytes in
-    the same time, at twice the executions (`SHORT_SCENARIO_BYTES`)."""
+    (a 4 KiB PFN buffer or 64 operations of long buffers cost many times a typical input); `config` and `scenario`
+    take `SHORT_SCENARIO_BYTES`."""
     on_qemu: bool = False
     dictionary: tuple[bytes, ...] = ()
 
