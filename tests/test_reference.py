@@ -7,9 +7,11 @@ from vballoon.reference import (
     BalloonChange,
     BalloonDevice,
     DeviceProperties,
+    DeviceShape,
     GuestRam,
     HintState,
     PageOutcome,
+    QUEUE_MAX_SIZES,
     RequestRejected,
     poison_page,
 )
@@ -200,7 +202,7 @@ def test_poison_val_ignored_without_page_poison():
 def test_set_target_validation_and_clamp():
     device, _ = make()
     for bad in (0, -1):
-        with pytest.raises(RequestRejected, match="expects a size"):
+        with pytest.raises(RequestRejected, match="must be a positive size"):
             device.set_target(bad)
     device.set_target(RAM * 2)
     assert device.num_pages == 0, "a target above RAM is clamped to RAM"
@@ -274,15 +276,16 @@ def test_legacy_device_error_breaks_without_status_bit():
 
 @pytest.mark.req("BAL-DEV-ST-1", "BAL-DEV-ST-2")
 def test_stats_parsed_in_any_order_unknown_tags_ignored():
+    """A ten-tag device (QEMU 7.2's shape) ignores tag 10 and tag 200 alike."""
     clock = FakeClock()
-    device, driver = ready(clock)
+    device, driver = ready(clock, shape=DeviceShape(stat_count=10))
     driver.send_stats([(StatTag.MEMTOT, 4096), (200, 1), (StatTag.SWAP_IN, 7), (StatTag.OOM_KILL, 3)])
     stats = device.guest_stats()
     assert stats["last-update"] == 1000
     assert stats["stats"]["stat-total-memory"] == 4096
     assert stats["stats"]["stat-swap-in"] == 7
     assert stats["stats"]["stat-free-memory"] == STAT_UNSET
-    assert "stat-oom-kills" not in stats["stats"], "tag 10 is not recognised by a QEMU 7.2 device"
+    assert "stat-oom-kills" not in stats["stats"], "tag 10 is not recognised by a ten-tag device"
 
 
 def test_stats_duplicates_last_wins_and_partial_entry_ignored():
@@ -295,11 +298,23 @@ def test_stats_duplicates_last_wins_and_partial_entry_ignored():
 
 
 def test_sixteen_tag_device_recognises_linux_tags():
-    device, driver = ready(stat_count=16)
-    driver.send_stats([(StatTag.DIRECT_RECLAIM, 5)])
-    assert device.guest_stats()["stats"]["stat-direct-reclaims"] == 5
+    """The default shape is QEMU 10.0's: 16 tags, tag 16 and above ignored."""
+    device, driver = ready()
+    driver.send_stats([(StatTag.DIRECT_RECLAIM, 5), (16, 9)])
+    stats = device.guest_stats()["stats"]
+    assert stats["stat-direct-reclaims"] == 5, f"expected tag 15 stored, got {stats}"
+    assert len(stats) == 16, f"expected 16 stats, got {sorted(stats)}"
     with pytest.raises(RequestRejected):
-        BalloonDevice(DeviceProperties(stat_count=17))
+        BalloonDevice(DeviceProperties(shape=DeviceShape(stat_count=17)))
+
+
+def test_queue_sizes_come_from_the_shape():
+    """A device shaped like QEMU 10.0.x (every queue 1024) offers those sizes; the default is realize's."""
+    device, _ = make(free_page_reporting=True, shape=DeviceShape(queue_max_sizes=tuple(
+        (name, 1024) for name in QUEUE_MAX_SIZES)))
+    assert [q.max_size for q in device.queues] == [1024] * 4, f"got {[q.max_size for q in device.queues]}"
+    device, _ = make(free_page_reporting=True)
+    assert [q.max_size for q in device.queues] == [128, 128, 128, 32], f"got {[q.max_size for q in device.queues]}"
 
 
 @pytest.mark.req("BAL-DRV-ST-1", "BAL-DRV-ST-3")
@@ -336,9 +351,9 @@ def test_poll_without_buffer_rearms():
 def test_polling_interval_validation():
     clock = FakeClock()
     device, _ = ready(clock)
-    with pytest.raises(RequestRejected, match="must be greater than zero"):
+    with pytest.raises(RequestRejected, match="must not be negative"):
         device.set_stats_polling_interval(-1)
-    with pytest.raises(RequestRejected, match="too big"):
+    with pytest.raises(RequestRejected, match="must fit in 32 bits"):
         device.set_stats_polling_interval(1 << 32)
     device.set_stats_polling_interval(3)
     device.set_stats_polling_interval(3)

@@ -206,13 +206,33 @@ def test_markdown_counts_and_one_row_per_requirement(tree: Path) -> None:
     text = render_markdown(requirement_coverage([tree], junit, rootdir=tree.parent))
     # Marked: DEV-ST-1, DEV-ST-2, DEV-OP-1, DEV-FPR-1, DEV-FPR-2, DEV-PP-1, DRV-ST-3; 61 testable of 65.
     assert "Statements covered: 7 / 61 testable / 65 total" in text, f"expected 7/61/65 counts, got {text[:200]!r}"
-    assert "Results: error 0, failed 0, passed 3, skipped 0, not run 62" in text, \
+    assert "Results: error 0, failed 0, deviates 0, passed 3, skipped 0, not run 62" in text, \
         f"expected 3 passed (ST-1, ST-2, OP-1), got {text[:300]!r}"
     rows = [line for line in text.splitlines() if line.startswith("| BAL-")]
     assert len(rows) == 65, f"expected 65 table rows, got {len(rows)}"
     expected_row = ("| BAL-DEV-ST-2 | device | MUST | qtest "
                     "| `suites.device.test_stats::test_stats_order` | passed |")
     assert expected_row in rows, f"expected row {expected_row!r}, got {[r for r in rows if 'DEV-ST-2' in r]}"
+
+
+def test_a_known_deviation_is_reported_apart_from_passed_with_its_qemu_versions(tree: Path) -> None:
+    """An xfail (a known deviation) is "deviates (known, QEMU x.y)", worse than passed and better than failed."""
+    def case(name: str, qemu: str, body: str) -> str:
+        return (f'<testcase classname="suites.device.test_stats" name="{name}"><properties>'
+                f'<property name="qemu_version" value="QEMU emulator version {qemu}"/></properties>{body}</testcase>')
+
+    xfail = '<skipped type="pytest.xfail" message="known deviation"/>'
+    junit = junit_xml(tree.parent, case("test_stats_order[a]", "10.0.13", xfail)
+                      + case("test_stats_order[b]", "7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)", xfail)
+                      + case("test_stats_order[c]", "7.2.22", ""))
+    text = render_markdown(requirement_coverage([tree], junit, rootdir=tree.parent))
+    row = next(line for line in text.splitlines() if line.startswith("| BAL-DEV-ST-2 "))
+    assert row.endswith("| deviates (known, QEMU 7.2, 10.0) |"), f"expected the deviating versions, got {row!r}"
+    assert "deviates 3, passed 0" in text, f"expected ST-1, ST-2, OP-1 to deviate, got {text[:300]!r}"
+    plain_skip = junit_xml(tree.parent, '<testcase classname="suites.device.test_stats" name="test_stats_order">'
+                                        '<skipped type="pytest.skip" message="no hugetlbfs"/></testcase>')
+    text = render_markdown(requirement_coverage([tree], plain_skip, rootdir=tree.parent))
+    assert "deviates 0, passed 0, skipped 3" in text, f"expected a plain skip to stay a skip, got {text[:300]!r}"
 
 
 def test_run_requirements_report_writes_what_it_returns(tree: Path) -> None:

@@ -140,11 +140,17 @@ def test_version_bounds_compare_given_prefix(version: reqs.Version, admitted: bo
     assert got is admitted, f"expected >=2.0 <=7.2 to {'admit' if admitted else 'reject'} {version}, got {got}"
 
 
-def test_all_known_versions_admit_any_version() -> None:
-    assert reqs.parse_versions("all known") == (), "expected 'all known' to have no bounds"
+def test_every_packaged_deviation_ends_at_a_version_read() -> None:
+    """No deviation covers every future version: each has an upper bound, driver ones a Linux one too."""
+    for dev in reqs.deviations():
+        assert dev.affects((10, 0, 13), (6, 12, 118)), f"{dev.requirement}: expected QEMU 10.0/Linux 6.12 covered"
+        assert not dev.affects((10, 1, 0), (6, 12, 118)), f"{dev.requirement}: expected QEMU 10.1 to be strict"
+        if dev.linux_versions is not None:
+            assert not dev.affects((7, 2, 22), (6, 13)), f"{dev.requirement}: expected Linux 6.13 to be strict"
+            assert not dev.affects((7, 2, 22), None), f"{dev.requirement}: expected strict without a known kernel"
 
 
-@pytest.mark.parametrize("spec", ["", "7.2", ">=seven", ">=1.2.3.4", "~7.2"])
+@pytest.mark.parametrize("spec", ["", "7.2", ">=seven", ">=1.2.3.4", "~7.2", "all known", ">=7.2"])
 def test_malformed_version_range_is_refused(spec: str) -> None:
     with pytest.raises(ValueError):
         reqs.parse_versions(spec)
@@ -153,9 +159,13 @@ def test_malformed_version_range_is_refused(spec: str) -> None:
 @pytest.mark.parametrize("entry,problem", [
     ('requirement = "BAL-NOPE"', "unknown requirement ID 'BAL-NOPE'"),
     ('requirement = "BAL-DEV-LEG-ACT"\nqemu_versions = "newer"', "qemu_versions: bound 'newer' has no comparator"),
+    ('requirement = "BAL-DEV-LEG-ACT"\nqemu_versions = ">=7.2"', "qemu_versions: '>=7.2' has no upper bound"),
+    ('requirement = "BAL-DRV-LEG-ACT"', "linux_versions is required exactly for a driver requirement"),
+    ('linux_versions = "<=6.12"', "linux_versions is required exactly for a driver requirement"),
+    ('requirement = "BAL-DRV-LEG-ACT"\nlinux_versions = "6.12"', "linux_versions: bound '6.12' has no comparator"),
 ])
 def test_broken_deviation_file_gives_one_line_error(tmp_path: Path, entry: str, problem: str) -> None:
-    fields = {"requirement": '"BAL-DEV-LEG-ACT"', "qemu_versions": '"all known"', "behaviour": '"b"',
+    fields = {"requirement": '"BAL-DEV-LEG-ACT"', "qemu_versions": '"<=10.0"', "behaviour": '"b"',
               "source": '"s"', "observation": '"o"'}
     for line in entry.splitlines():
         key, value = line.split(" = ", 1)

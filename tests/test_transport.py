@@ -36,9 +36,10 @@ def test_a_broken_scenario_is_a_decode_error(text: str) -> None:
 
 def test_reference_transport_answers_host_requests_like_qemu() -> None:
     reference = ReferenceTransport(Variant(), False)
-    assert reference.apply(SetTarget(128 << 8)) == (None, "Parameter 'target' expects a size")
-    assert reference.apply(SetPollingInterval(-1)) == (None, "timer value must be greater than zero")
-    assert reference.apply(SetPollingInterval(1 << 32)) == (None, "timer value is too big")
+    assert reference.apply(SetTarget(128 << 8)) == (None, "balloon target 0 refused: it must be a positive size")
+    assert reference.apply(SetPollingInterval(-1)) == (None, "polling interval -1 refused: it must not be negative")
+    assert reference.apply(SetPollingInterval(1 << 32)) == (None, f"polling interval {1 << 32} refused: it must fit "
+                                                                   "in 32 bits")
     reference.apply(Negotiate(feature_mask(Feature.STATS_VQ)))
     reference.apply(SetTarget(5))
     assert reference.apply(ReadConfig(ConfigField.NUM_PAGES, 4)) == (5, None)

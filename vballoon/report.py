@@ -15,6 +15,7 @@ e.g. `suites.guest.test_boot.TestBoot::test_boot`; parametrised cases
 from __future__ import annotations
 
 import ast
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,15 @@ from vballoon.requirements import Requirement, catalogue, check_marker_args, unk
 DEFAULT_REPORT = Path("reports/requirements.md")
 DEFAULT_ROOTS = (Path("suites"),)
 NOT_RUN = "not run"
+DEVIATES = "deviates"
+"""An expected failure: the test saw a known deviation (vballoon/data/known-deviations.toml) whose version
+bounds cover the QEMU or kernel under test."""
 # Worst last: a requirement takes the worst result of its tests. A skip only
-# shows when nothing else ran, since it carries no verdict.
-OUTCOMES = (NOT_RUN, "skipped", "passed", "failed", "error")
+# shows when nothing else ran, since it carries no verdict; a known deviation
+# is worse than a pass and better than a failure.
+OUTCOMES = (NOT_RUN, "skipped", "passed", DEVIATES, "failed", "error")
 REQUIREMENTS_PROPERTY = "requirements"
+QEMU_VERSION_PROPERTY = "qemu_version"
 
 
 def worst(outcomes: Iterable[str]) -> str:
@@ -45,6 +51,8 @@ class CaseResult:
     test: str
     outcome: str
     requirements: tuple[str, ...] | None
+    qemu: str | None = None
+    """QEMU's major.minor from the `qemu_version` property, when the testcase has one."""
 
 
 @dataclass
@@ -54,6 +62,8 @@ class Coverage:
     requirements: dict[str, Requirement]
     tests: dict[str, tuple[str, ...]]
     results: dict[str, str] = field(default_factory=dict)
+    deviating_qemus: dict[str, set[str]] = field(default_factory=dict)
+    """Test -> the QEMU versions (major.minor) under which it saw a known deviation."""
 
     def tests_for(self, req_id: str) -> list[str]:
         """The tests that name `req_id`, in discovery order."""
@@ -62,6 +72,15 @@ class Coverage:
     def result_for(self, req_id: str) -> str:
         """Worst result of the tests naming `req_id`, or NOT_RUN."""
         return worst(self.results.get(test, NOT_RUN) for test in self.tests_for(req_id))
+
+    def describe_result(self, req_id: str) -> str:
+        """The result for the report: 'deviates (known, QEMU 7.2, 10.0)' names the versions that deviated."""
+        result = self.result_for(req_id)
+        if result != DEVIATES:
+            return result
+        versions = sorted({v for test in self.tests_for(req_id) for v in self.deviating_qemus.get(test, ())},
+                          key=lambda v: tuple(int(part) for part in v.split(".")))
+        return f"{DEVIATES} (known, QEMU {', '.join(versions)})" if versions else f"{DEVIATES} (known)"
 
     @property
     def testable(self) -> list[Requirement]:
@@ -162,9 +181,19 @@ def _outcome(case: ET.Element) -> str:
         return "error"
     if "failure" in tags:
         return "failed"
-    if "skipped" in tags:
-        return "skipped"
+    skipped = case.find("skipped")
+    if skipped is not None:
+        return DEVIATES if skipped.get("type") == "pytest.xfail" else "skipped"
     return "passed"
+
+
+def _qemu_version(case: ET.Element) -> str | None:
+    """'7.2' from a `qemu_version` property such as 'QEMU emulator version 7.2.22 (Debian ...)'."""
+    for prop in case.iterfind("properties/property"):
+        if prop.get("name") == QEMU_VERSION_PROPERTY:
+            match = re.search(r"(\d+)\.(\d+)", prop.get("value", ""))
+            return f"{match[1]}.{match[2]}" if match else None
+    return None
 
 
 def _property_ids(case: ET.Element, junit: Path) -> tuple[str, ...] | None:
@@ -197,7 +226,7 @@ def read_junit(junit: Path) -> list[CaseResult]:
         classname = case.get("classname", "")
         results.append(CaseResult(case=f"{classname}::{name}", test=f"{classname}::{function}",
                                   outcome=_outcome(case),
-                                  requirements=_property_ids(case, junit)))
+                                  requirements=_property_ids(case, junit), qemu=_qemu_version(case)))
     return results
 
 
@@ -212,6 +241,8 @@ def _apply_junit(coverage: Coverage, cases: list[CaseResult]) -> None:
     from_properties: dict[str, list[str]] = {}
     for case in latest.values():
         outcomes.setdefault(case.test, []).append(case.outcome)
+        if case.outcome == DEVIATES and case.qemu:
+            coverage.deviating_qemus.setdefault(case.test, set()).add(case.qemu)
         if case.requirements is not None:
             from_properties.setdefault(case.test, []).extend(case.requirements)
     for test, ids in from_properties.items():
@@ -252,7 +283,7 @@ def render_markdown(cov: Coverage) -> str:
     for req in cov.requirements.values():
         tests = "<br>".join(f"`{test}`" for test in cov.tests_for(req.id)) or "-"
         lines.append(f"| {req.id} | {req.binds} | {req.level} | {req.testable} "
-                     f"| {tests} | {cov.result_for(req.id)} |")
+                     f"| {tests} | {cov.describe_result(req.id)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ CATALOGUE_HINT = "see vballoon/data/requirements.toml"
 _REQUIRED_KEYS = ("id", "binds", "level", "legacy", "section", "quote", "testable", "how")
 _OPTIONAL_KEYS = ("why", "note")
 _DEVIATION_KEYS = ("requirement", "qemu_versions", "behaviour", "source", "observation")
-_ALL_VERSIONS = "all known"
+_DEVIATION_OPTIONAL_KEYS = ("linux_versions",)
 _COMPARATORS = {
     ">=": lambda a, b: a >= b,
     "<=": lambda a, b: a <= b,
@@ -74,7 +74,12 @@ class Bound:
 
 @dataclass(frozen=True)
 class Deviation:
-    """A known, source-confirmed deviation of QEMU from one requirement."""
+    """A known, source-confirmed deviation from one requirement, for the versions whose sources were read.
+
+    A device-side deviation is QEMU's and has QEMU bounds; a driver-side one is Linux's and has Linux bounds
+    too (with the QEMU bounds of the device behaviour that makes it visible). Outside its bounds a test is
+    strict: a newer QEMU or kernel that still deviates fails until someone reads its source.
+    """
 
     requirement: str
     qemu_versions: str
@@ -82,10 +87,21 @@ class Deviation:
     source: str
     observation: str
     bounds: tuple[Bound, ...]
+    linux_versions: str | None = None
+    linux_bounds: tuple[Bound, ...] = ()
 
-    def affects(self, qemu_version: Version) -> bool:
-        """True when QEMU `qemu_version` has this deviation."""
-        return all(bound.admits(qemu_version) for bound in self.bounds)
+    def affects(self, qemu_version: Version, linux_version: tuple[int, ...] | None = None) -> bool:
+        """True when QEMU `qemu_version` (and, for a driver-side deviation, Linux `linux_version`) has it."""
+        if not all(bound.admits(qemu_version) for bound in self.bounds):
+            return False
+        if self.linux_versions is None:
+            return True
+        return linux_version is not None and all(bound.admits(linux_version) for bound in self.linux_bounds)
+
+    def versions(self) -> str:
+        """'QEMU >=1.0 <=10.0' or 'QEMU >=1.0 <=10.0 with Linux >=6.1 <=6.12', for messages."""
+        linux = f" with Linux {self.linux_versions}" if self.linux_versions else ""
+        return f"QEMU {self.qemu_versions}{linux}"
 
 
 def _read_toml(source: Path | Traversable) -> dict[str, Any]:
@@ -151,9 +167,8 @@ def load_catalogue(source: Path | Traversable) -> dict[str, Requirement]:
 
 
 def parse_versions(spec: str) -> tuple[Bound, ...]:
-    """Parse "all known" or bounds like ">=2.0 <=7.2"; ValueError when malformed."""
-    if spec.strip() == _ALL_VERSIONS:
-        return ()
+    """Parse bounds like ">=2.0 <=7.2"; ValueError when malformed or without an upper bound (a deviation holds
+    for the versions whose source was read, never for every future one)."""
     bounds = []
     for word in spec.split():
         op = next((op for op in sorted(_COMPARATORS, key=len, reverse=True)
@@ -166,6 +181,8 @@ def parse_versions(spec: str) -> tuple[Bound, ...]:
         bounds.append(Bound(op, tuple(int(d) for d in digits)))
     if not bounds:
         raise ValueError("empty version range")
+    if not any(bound.op in ("<=", "<", "==") for bound in bounds):
+        raise ValueError(f"{spec!r} has no upper bound; give the newest version whose source was read (<=x.y)")
     return tuple(bounds)
 
 
@@ -175,15 +192,20 @@ def load_deviations(source: Path | Traversable,
     deviations = []
     for number, entry in enumerate(_entries(source, "deviation"), start=1):
         where = f"deviation #{number}"
-        _check_keys(source, where, entry, _DEVIATION_KEYS)
+        _check_keys(source, where, entry, _DEVIATION_KEYS, _DEVIATION_OPTIONAL_KEYS)
         if entry["requirement"] not in known:
             raise UsageError(f"{source}: {where}: unknown requirement ID "
                              f"{entry['requirement']!r}")
-        try:
-            bounds = parse_versions(entry["qemu_versions"])
-        except ValueError as err:
-            raise UsageError(f"{source}: {where}: qemu_versions: {err}") from None
-        deviations.append(Deviation(bounds=bounds, **entry))
+        driver_side = known[entry["requirement"]].binds == "driver"
+        if driver_side != ("linux_versions" in entry):
+            raise UsageError(f"{source}: {where}: linux_versions is required exactly for a driver requirement")
+        parsed = {}
+        for key in ("qemu_versions", "linux_versions"):
+            try:
+                parsed[key] = parse_versions(entry[key]) if key in entry else ()
+            except ValueError as err:
+                raise UsageError(f"{source}: {where}: {key}: {err}") from None
+        deviations.append(Deviation(bounds=parsed["qemu_versions"], linux_bounds=parsed["linux_versions"], **entry))
     return deviations
 
 
@@ -207,10 +229,11 @@ def deviations() -> list[Deviation]:
     return list(_packaged_deviations())
 
 
-def deviation_for(req_id: str, qemu_version: Version) -> Deviation | None:
-    """The known deviation of QEMU `qemu_version` from `req_id`, if any."""
+def deviation_for(req_id: str, qemu_version: Version,
+                  linux_version: tuple[int, ...] | None = None) -> Deviation | None:
+    """The known deviation from `req_id` of QEMU `qemu_version` (with Linux `linux_version`), if any."""
     return next((dev for dev in _packaged_deviations()
-                 if dev.requirement == req_id and dev.affects(qemu_version)), None)
+                 if dev.requirement == req_id and dev.affects(qemu_version, linux_version)), None)
 
 
 def unknown_ids(ids: Iterable[str]) -> list[str]:

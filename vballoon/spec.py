@@ -148,10 +148,9 @@ def _stat(tag: StatTag, unit: Literal["bytes", "count"], qom_key: str) -> StatIn
 
 SPEC_STAT_COUNT = 10
 """Tags 0-9 are defined by the virtio spec."""
-QEMU_7_2_S_NR = 10
-"""VIRTIO_BALLOON_S_NR in QEMU 7.2: tags >= 10 are ignored there."""
 LINUX_S_NR = 16
-"""VIRTIO_BALLOON_S_NR in Linux 6.12+ and QEMU 9.2+."""
+"""VIRTIO_BALLOON_S_NR in Linux 6.12's uapi header and QEMU 10.0 (10 in Linux 6.1 and QEMU 7.2): tags that some
+device may store. Which of them the QEMU under test stores, it says itself (vballoon.qemu.profile)."""
 
 STATS: tuple[StatInfo, ...] = (
     _stat(StatTag.SWAP_IN, "bytes", "stat-swap-in"),

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, Union
 
+from vballoon.differences import describe_mapping_difference
 from vballoon.errors import DecodeError, QemuError, UsageError
 from vballoon.matrix import Variant
 from vballoon.qemu.machine import QemuBinary
+from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
-from vballoon.reference import BalloonDevice, DeviceProperties, RequestRejected
+from vballoon.reference import BalloonDevice, DeviceProperties, DeviceShape, RequestRejected
 from vballoon.reference.device import FREE_PAGE_VQ
 from vballoon.reference.driver import ReferenceDriver
 from vballoon.spec import (BALLOON_FEATURES, PAGE_SIZE, PFN_SHIFT, ConfigField, Feature, Status, config_size,
@@ -217,11 +219,13 @@ class Transport(Protocol):
 
 
 @functools.lru_cache(maxsize=256)  # one per device a fuzz target meets; each reference starts from one
-def reference_properties(variant: Variant, legacy_interface: bool, ram_bytes: int) -> DeviceProperties:
-    """The reference device standing for QEMU's balloon of `variant` seen through one interface."""
+def reference_properties(variant: Variant, legacy_interface: bool, ram_bytes: int,
+                         shape: DeviceShape = DeviceShape()) -> DeviceProperties:
+    """The reference device standing for QEMU's balloon of `variant` seen through one interface; `shape` is
+    what the QEMU under test chose where the spec lets a device choose (`QemuProfile.device_shape`)."""
     return DeviceProperties(ram_size=ram_bytes, deflate_on_oom=variant.deflate_on_oom,
                             free_page_hint=variant.free_page_hint, free_page_reporting=variant.free_page_reporting,
-                            page_poison=variant.page_poison, modern=not legacy_interface)
+                            page_poison=variant.page_poison, modern=not legacy_interface, shape=shape)
 
 
 def touches_poison_val(offset: int, width: int) -> bool:
@@ -250,8 +254,10 @@ class FixedClock:
 class ReferenceTransport:
     """The reference device and driver in memory; the host side (QMP, timers, stop/cont) is modelled here."""
 
-    def __init__(self, variant: Variant, legacy_interface: bool, ram_bytes: int = MEMORY_MIB << 20) -> None:
-        self.device = BalloonDevice(reference_properties(variant, legacy_interface, ram_bytes), FixedClock(time.time()))
+    def __init__(self, variant: Variant, legacy_interface: bool, ram_bytes: int = MEMORY_MIB << 20,
+                 shape: DeviceShape = DeviceShape()) -> None:
+        self.device = BalloonDevice(reference_properties(variant, legacy_interface, ram_bytes, shape),
+                                    FixedClock(time.time()))
         self.driver = ReferenceDriver(self.device)
         self.running = True
         self.events: list[int] = []
@@ -513,6 +519,9 @@ class Difference:
     got: Any
 
     def __str__(self) -> str:
+        if isinstance(self.expected, Mapping) and isinstance(self.got, Mapping):
+            return f"{self.requirement or 'QEMU crash'}: {self.what}: " \
+                   f"{describe_mapping_difference(self.expected, self.got)}"
         return f"{self.requirement or 'QEMU crash'}: {self.what}: expected {self.expected!r}, got {self.got!r}"
 
 
@@ -547,8 +556,9 @@ def compare(reference: ReferenceTransport, expected: Observation, got: Observati
     device = reference.device
     legacy = not device.properties.modern
     actual_requirement = "BAL-DEV-LEG-ACT" if legacy else "BAL-DRV-ACT-1"
-    if got.request_error != expected.request_error:
-        judgement.add("BAL-CFG-LEG-LE", "host request error", expected.request_error, got.request_error)
+    if (got.request_error is None) != (expected.request_error is None):  # the refusal, not QEMU's words
+        judgement.add("BAL-CFG-LEG-LE", "host request refused", expected.request_error or "accepted",
+                      got.request_error or "accepted")
     status_bits = Status.FEATURES_OK | Status.DRIVER_OK | Status.DEVICE_NEEDS_RESET
     if got.status & status_bits != expected.status & status_bits:
         lost_needs_reset = expected.status & status_bits == got.status & status_bits | Status.DEVICE_NEEDS_RESET
@@ -580,9 +590,7 @@ def compare(reference: ReferenceTransport, expected: Observation, got: Observati
     first_legacy_stats = legacy and device.stats.buffers_seen == 1
     stats_requirement = "BAL-DEV-LEG-ST-FIRST" if first_legacy_stats else "BAL-DEV-ST-2"
     if dict(got.guest_stats) != dict(expected.guest_stats):
-        changed = {k: (v, dict(got.guest_stats).get(k)) for k, v in expected.guest_stats
-                   if dict(got.guest_stats).get(k) != v}
-        judgement.add(stats_requirement, "guest-stats (expected, got) per key", changed, "see left")
+        judgement.add(stats_requirement, "guest-stats", dict(expected.guest_stats), dict(got.guest_stats))
     if got.stats_updated != expected.stats_updated:
         judgement.add(stats_requirement, "guest-stats last-update set", expected.stats_updated, got.stats_updated)
     for pfn, content in got.pages:
@@ -664,7 +672,7 @@ class DifferentialRun:
     """A scenario run step by step on a fresh QEMU and on the reference (a context manager)."""
 
     def __init__(self, qemu: QemuBinary, variant: Variant, legacy_interface: bool, log_dir: Path) -> None:
-        self.reference = ReferenceTransport(variant, legacy_interface)
+        self.reference = ReferenceTransport(variant, legacy_interface, shape=qemu_profile(qemu).device_shape)
         self.qemu = QemuTransport(qemu, variant, legacy_interface, log_dir)
         self.ledger = UsedLedger()
         self.operations: list[Operation] = []

@@ -150,23 +150,20 @@ def test_a_buffer_after_device_reset_is_taken(balloon: QtestBalloon) -> None:
 
 
 @pytest.mark.req("BAL-DRV-ST-3")
-@pytest.mark.parametrize("seconds, error", [
-    (-1, "timer value must be greater than zero"),
-    (1 << 32, "timer value is too big"),
-    ((1 << 32) - 1, None),
-    (0, None),
-])
+@pytest.mark.parametrize("seconds, refused", [(-1, True), (1 << 32, True), ((1 << 32) - 1, False), (0, False)])
 @over(TRANSPORTS[:1])
-def test_polling_interval_values(qtest_machine: QtestMachine, seconds: int, error: str | None) -> None:
-    """guest-stats-polling-interval: QEMU 7.2's exact refusals for negative and above 2^32-1; accepted values
+def test_polling_interval_values(qtest_machine: QtestMachine, seconds: int, refused: bool) -> None:
+    """guest-stats-polling-interval: negative and above 2^32-1 refused (whatever the words), accepted values
     read back. (No requirement covers the host's polling; it is what makes the device use a stats buffer,
     after which the driver must refill, BAL-DRV-ST-3.)"""
     path = qtest_machine.balloon_qom_path()
-    _, got = qtest_machine.qmp.try_command("qom-set", path=path, property="guest-stats-polling-interval",
-                                           value=seconds)
-    assert got == error, f"interval {seconds}: expected error {error!r}, got {got!r}"
+    _, error = qtest_machine.qmp.try_command("qom-set", path=path, property="guest-stats-polling-interval",
+                                             value=seconds)
+    assert bool(error) == refused, \
+        f"interval {seconds}: expected {'a refusal' if refused else 'no error'}, got {error!r}"
     shown = qtest_machine.qmp.command("qom-get", path=path, property="guest-stats-polling-interval")
-    assert shown == (seconds if error is None else 0), f"interval {seconds}: reads back {shown}"
+    expected = 0 if refused else seconds
+    assert shown == expected, f"interval {seconds}: expected {expected} to read back, got {shown}"
 
 
 @pytest.mark.req("BAL-DRV-ST-3")

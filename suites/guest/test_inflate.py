@@ -161,4 +161,5 @@ def test_legacy_actual_written_in_one_access(legacy_variant: Variant, shared_vm:
     backwards = [(a, b) for a, b in zip(values, values[1:], strict=False) if b < a]
     expect_conformance(not backwards, "BAL-DRV-LEG-ACT", session.qemu,
                        f"while inflating to {target} bytes actual went backwards {backwards[:3]} in QEMU's "
-                       f"virtio_balloon_set_config trace: it was written in more than one access")
+                       f"virtio_balloon_set_config trace: it was written in more than one access",
+                       vm.image.kernel_version)

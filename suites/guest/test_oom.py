@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from vballoon.guest.memhog import BackgroundHog, start_hog
 from vballoon.guest.procfs import read_guest_memory
+from vballoon.guest.stats import set_polling_interval, wait_report_after
 from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import Variant
 from vballoon.qemu.machine import Machine
@@ -13,6 +16,7 @@ from vballoon.waiting import wait_for
 
 BALLOON_MIB = 256
 BEYOND_AVAILABLE_MIB = 64
+REPORT_DEADLINE_S = 20.0  # a 1 s polling interval under TCG: reports measured 1-2 s apart
 HOG_DEADLINE_S = 180.0  # measured 10-40 s under TCG for a 250 MiB hog that meets the OOM path
 
 
@@ -43,10 +47,13 @@ def test_deflate_on_oom_feeds_the_hog(with_deflate_on_oom: Variant, shared_vm: M
 
 
 @pytest.mark.oom_report_expected
-@pytest.mark.req("BAL-DRV-OOM-1")
+@pytest.mark.req("BAL-DRV-OOM-1", "BAL-DRV-ST-4")
 def test_balloon_holds_under_oom(without_deflate_on_oom: Variant, shared_vm: Machine) -> None:
-    """Without DEFLATE_ON_OOM the balloon keeps its pages: the OOM killer acts and the guest survives."""
+    """Without DEFLATE_ON_OOM the balloon keeps its pages: the OOM killer acts and the guest survives; where
+    the driver reports OOM kills (stat-oom-kills, Linux 6.12) the next report counts this one."""
     vm = shared_vm
+    set_polling_interval(vm, 1)
+    reports_oom_kills = "stat-oom-kills" in wait_report_after(vm, 0, REPORT_DEADLINE_S, "a stats report").present()
     target, kills_before, hog = inflate_and_hog(vm)
     wait_for(lambda: not hog.running(), HOG_DEADLINE_S, "the OOM killer to end the hog",
              describe_last=lambda: repr(hog.output()[-200:]))
@@ -56,3 +63,9 @@ def test_balloon_holds_under_oom(without_deflate_on_oom: Variant, shared_vm: Mac
     assert actual == target, (f"BAL-DRV-OOM-1: expected the balloon to hold (actual {target}) through the OOM, "
                               f"got {actual}")
     vm.ssh.run("true", timeout=30)
+    if reports_oom_kills:
+        after_kill = read_guest_memory(vm.ssh).vmstat["oom_kill"]
+        report = wait_report_after(vm, int(time.time()), REPORT_DEADLINE_S, "a stats report after the OOM kill")
+        assert report.values["stat-oom-kills"] >= after_kill > kills_before, (
+            f"BAL-DRV-ST-4: expected stat-oom-kills to count the OOM kill (/proc/vmstat oom_kill {kills_before} "
+            f"before, {after_kill} after), got {report.values['stat-oom-kills']}")

@@ -126,7 +126,7 @@ def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> 
     got = balloon_config_u32(vm, ConfigField.POISON_VAL)
     expect_conformance(got == expected, "BAL-DRV-PP-2", session.qemu,
                        f"after '{state}' the device's poison_val is {got:#x}, expected {expected:#x}: the driver "
-                       "set DRIVER_OK again without writing poison_val")
+                       "set DRIVER_OK again without writing poison_val", vm.image.kernel_version)
 
 
 def driver_status(vm: Machine) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from typing import Any, Collection, Sequence
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
 from vballoon.qemu.machine import QemuBinary, tail
+from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest import QtestExpectationFailed
 from vballoon.qemu.qtest_machine import CRASH_LINE, DEVICE_ERROR_LINE
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
@@ -310,7 +311,8 @@ class QemuDifferential:
 
     def _run(self, transport: QemuTransport, scenario: Scenario) -> Finding | None:
         self._error_line_seen = 0.0
-        reference = ReferenceTransport(self.variant, self.legacy_interface, transport.machine.ram_bytes)
+        reference = ReferenceTransport(self.variant, self.legacy_interface, transport.machine.ram_bytes,
+                                       qemu_profile(self.qemu).device_shape)
         if self._stats_primed:
             run_checked(reference, tuple(self._priming()))
         expected_side, got_side = _Side(), _Side()

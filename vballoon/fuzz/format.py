@@ -90,7 +90,9 @@ MAX_OUT_BYTES = 4096
 MAX_IN_PAGES = 4
 QUEUE_DESCRIPTORS = 100
 """Descriptors a scenario may put on one queue between negotiations, at most the queue's size (the driver takes
-back used descriptors only at a negotiation): 100, or 32 on reporting_vq (`QUEUE_MAX_SIZES`)."""
+back used descriptors only at a negotiation): 100, or 32 on reporting_vq. The sizes are the ones QEMU's realize
+asks for (`QUEUE_MAX_SIZES`), the smallest any QEMU gives (10.0.x raises every queue to 1024), so an input means
+the same on every QEMU."""
 QUEUE_LIMITS = {name: min(QUEUE_DESCRIPTORS, size) for name, size in QUEUE_MAX_SIZES.items()}
 """`QUEUE_DESCRIPTORS` by queue."""
 MAX_HOST_REQUESTS = 8

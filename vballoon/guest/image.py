@@ -165,6 +165,12 @@ def bzimage_version(path: Path) -> str:
     return text.split()[0]
 
 
+def release_version(release: str) -> tuple[int, ...]:
+    """(6, 12, 118) from a kernel release such as '6.12.118+deb13-cloud-amd64'; () when it names no version."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    return tuple(int(part) for part in match.groups() if part is not None) if match else ()
+
+
 def _run(args: list[str], cwd: Path | str | None = None) -> str:
     """Run a command and return its stdout; raise VballoonError with its stderr."""
     try:

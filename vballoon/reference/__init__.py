@@ -15,6 +15,7 @@ from vballoon.reference.device import (
     BalloonChange,
     BalloonDevice,
     DeviceProperties,
+    DeviceShape,
     DriverViolation,
 )
 from vballoon.reference.errors import DeviceError, RequestRejected
@@ -32,6 +33,7 @@ __all__ = [
     "BalloonDevice",
     "DeviceError",
     "DeviceProperties",
+    "DeviceShape",
     "DriverViolation",
     "FreePageHinting",
     "GuestRam",

@@ -24,7 +24,6 @@ from vballoon.spec import (
     CONFIG_FIELD_SIZE,
     LINUX_S_NR,
     PFN_SHIFT,
-    QEMU_7_2_S_NR,
     BalloonConfig,
     ConfigField,
     Endian,
@@ -45,7 +44,20 @@ FREE_PAGE_VQ = "free_page_vq"
 REPORTING_VQ = "reporting_vq"
 
 QUEUE_MAX_SIZES = {INFLATEQ: 128, DEFLATEQ: 128, STATSQ: 128, FREE_PAGE_VQ: 1024, REPORTING_VQ: 32}
-"""Queue sizes QEMU 7.2 creates (virtio_balloon_device_realize)."""
+"""Queue sizes virtio_balloon_device_realize asks for (QEMU 7.2 and 10.0). The spec lets a device pick any
+size (virtio 2.7/4.1.4.3: the device reports a maximum), and QEMU 10.0.x's virtio_add_queue raises every queue
+to VIRTQUEUE_MAX_SIZE (1024), so a reference standing for a real QEMU takes its `DeviceShape` from that binary
+(vballoon.qemu.profile); these sizes are the default shape."""
+
+
+@dataclass(frozen=True)
+class DeviceShape:
+    """What conforming devices choose differently and the reference copies from the device under test."""
+
+    stat_count: int = LINUX_S_NR
+    """Tags the device stores: 0..stat_count-1 (10 in QEMU 7.2, 16 in 10.0); the rest are ignored (BAL-DEV-ST-1)."""
+    queue_max_sizes: tuple[tuple[str, int], ...] = tuple(QUEUE_MAX_SIZES.items())
+    """(queue, maximum size) of every queue the device can create."""
 
 INFLATED = frozenset({PageOutcome.UNCHANGED, PageOutcome.ZERO})
 REPORTED_WITHOUT_POISON = frozenset({PageOutcome.UNCHANGED, PageOutcome.ZERO})
@@ -72,8 +84,8 @@ class DeviceProperties:
     """Offer VERSION_1 (modern virtio-pci); False models a legacy-only device."""
     guest_endian: Endian = "little"
     """Byte order of legacy buffers (guest-native; little on x86)."""
-    stat_count: int = QEMU_7_2_S_NR
-    """Recognised stats tags: 10 in QEMU 7.2, 16 in QEMU 9.2+."""
+    shape: DeviceShape = DeviceShape()
+    """Stats count and queue sizes, as the QEMU under test has them."""
     ring_features: int = feature_mask(Feature.INDIRECT_DESC, Feature.EVENT_IDX)
     """Transport features offered besides the balloon bits (QEMU 7.2 also offers RING_RESET)."""
 
@@ -95,7 +107,8 @@ class DeviceProperties:
     @functools.cached_property
     def queue_sizes(self) -> tuple[int, ...]:
         """Maximum size of each queue, in index order."""
-        return tuple(QUEUE_MAX_SIZES[name] for name in self.queue_names)
+        sizes = dict(self.shape.queue_max_sizes)
+        return tuple(sizes[name] for name in self.queue_names)
 
     @functools.cached_property
     def queue_names(self) -> tuple[str, ...]:
@@ -144,11 +157,11 @@ class BalloonDevice:
     """The reference virtio-balloon device."""
 
     def __init__(self, properties: DeviceProperties = DeviceProperties(), clock: Clock = lambda: 0.0) -> None:
-        if not 1 <= properties.stat_count <= LINUX_S_NR:
-            raise RequestRejected(f"stat_count {properties.stat_count} outside 1..{LINUX_S_NR}")
+        if not 1 <= properties.shape.stat_count <= LINUX_S_NR:
+            raise RequestRejected(f"stat_count {properties.shape.stat_count} outside 1..{LINUX_S_NR}")
         self.properties = properties
         self.ram = GuestRam(properties.ram_size)
-        self.stats = StatsState(clock, properties.stat_count)
+        self.stats = StatsState(clock, properties.shape.stat_count)
         self.hinting = FreePageHinting()
         self.num_pages = 0
         self.actual = 0
@@ -419,9 +432,10 @@ class BalloonDevice:
     # --- host side -----------------------------------------------------------------
 
     def set_target(self, target: int) -> None:
-        """QMP `balloon`: guest memory target in bytes; above RAM is clamped."""
+        """QMP `balloon`: guest memory target in bytes; above RAM is clamped, <= 0 refused (QEMU's words differ
+        between versions, so a comparison judges the refusal, not its text)."""
         if target <= 0:
-            raise RequestRejected("Parameter 'target' expects a size")
+            raise RequestRejected(f"balloon target {target} refused: it must be a positive size")
         target = min(target, self.properties.ram_size)
         self.num_pages = (self.properties.ram_size - target) >> PFN_SHIFT
         self.config_changes += 1

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vballoon.reference.errors import RequestRejected
-from vballoon.spec import QEMU_7_2_S_NR, STAT_UNSET, STATS, Endian, decode_stats
+from vballoon.spec import LINUX_S_NR, STAT_UNSET, STATS, Endian, decode_stats
 
 Clock = Callable[[], float]
 MAX_POLL_INTERVAL = 0xFFFFFFFF
@@ -22,7 +22,7 @@ class StatsState:
     """Latest statistics, the time they came, and the polling timer."""
 
     clock: Clock
-    stat_count: int = QEMU_7_2_S_NR
+    stat_count: int = LINUX_S_NR
     """Tags below this are recognised; the rest are ignored (BAL-DEV-ST-1)."""
 
     def __post_init__(self) -> None:
@@ -57,11 +57,12 @@ class StatsState:
             self.poll_deadline = self.clock() + self.poll_interval
 
     def set_poll_interval(self, seconds: int) -> None:
-        """Set guest-stats-polling-interval with QEMU 7.2's validation; 0 stops polling."""
+        """Set guest-stats-polling-interval with QEMU's validation (7.2 and 10.0): negative and above 2^32-1
+        refused; 0 stops polling."""
         if seconds < 0:
-            raise RequestRejected("timer value must be greater than zero")
+            raise RequestRejected(f"polling interval {seconds} refused: it must not be negative")
         if seconds > MAX_POLL_INTERVAL:
-            raise RequestRejected("timer value is too big")
+            raise RequestRejected(f"polling interval {seconds} refused: it must fit in 32 bits")
         if seconds == self.poll_interval:
             return
         if seconds == 0:
