@@ -143,6 +143,15 @@ def _cmd_bench_qtest(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_upstream_fetch(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.upstream import fetch, format_options
+
+    entries = fetch(only=args.only, qemu_version=args.qemu_version, kernel_package=args.kernel_package,
+                    log=lambda line: print(line, file=sys.stderr))
+    print(format_options(entries, args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vballoon", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--kernel", help="your bzImage instead of a Debian kernel")
     build.add_argument("--modules", help="modules_install tree or folder of .ko files")
     build.set_defaults(handler=_cmd_image_build)
+
+    upstream = commands.add_parser("upstream", help="Debian 13's QEMU and kernel in the cache")
+    upstream_fetch = upstream.add_subparsers(dest="action", required=True).add_parser(
+        "fetch", help="fetch trixie's QEMU (built from source) and kernel with a private APT state; "
+                      "print the options that test them (progress goes to stderr)")
+    upstream_fetch.add_argument("--only", choices=("qemu", "kernel"), help="fetch one of the two")
+    upstream_fetch.add_argument("--qemu-version", help="a trixie version of the qemu source package (default: the "
+                                                       "newest); with --only qemu a cached one needs no apt-get update")
+    upstream_fetch.add_argument("--kernel-package", default="linux-image-cloud-amd64",
+                                help="trixie kernel metapackage (linux-image-amd64 has CONFIG_PAGE_POISONING)")
+    upstream_fetch.add_argument("--format", choices=("options", "env"), default="options",
+                                help="--qemu P --kernel P --modules P, or VBALLOON_QEMU=P lines")
+    upstream_fetch.set_defaults(handler=_cmd_upstream_fetch)
 
     report = commands.add_parser("report", help="reports").add_subparsers(dest="action", required=True)
     requirements = report.add_parser("requirements", help="requirement coverage, written to reports/requirements.md")
