@@ -66,5 +66,24 @@ fuzz-corpora:
 image: deps
 	$(TOX) -e image
 
+# Debian 13's QEMU (built from source, about 4 minutes on 2 cores) and kernel
+# in the cache; prints the --qemu/--kernel/--modules options that test them.
+UPSTREAM_PACKAGES := ninja-build libglib2.0-dev libpixman-1-dev zlib1g-dev flex bison pkgconf \
+	libslirp-dev python3-venv libfdt-dev dpkg-dev
+UPSTREAM_ARGS ?=
+
+.PHONY: upstream
+upstream: deps
+	@missing=""; \
+	for pkg in $(UPSTREAM_PACKAGES); do \
+	  dpkg-query -W -f='$${db:Status-Status}' $$pkg 2>/dev/null | grep -qx installed || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "vballoon: installing Debian packages:$$missing"; \
+	  apt-get update -q; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	$(TOX) -e upstream -- $(UPSTREAM_ARGS)
+
 clean:
 	rm -rf .tox reports/logs reports/*.xml reports/*.json reports/*.md .coverage .pytest_cache
