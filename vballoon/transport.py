@@ -35,7 +35,7 @@ from vballoon.qemu.machine import QemuBinary
 from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.reference import BalloonDevice, DeviceProperties, DeviceShape, RequestRejected
-from vballoon.reference.device import FREE_PAGE_VQ
+from vballoon.reference.device import DEFAULT_SHAPE, FREE_PAGE_VQ
 from vballoon.reference.driver import ReferenceDriver
 from vballoon.spec import (BALLOON_FEATURES, PAGE_SIZE, PFN_SHIFT, ConfigField, Feature, Status, config_size,
                            feature_mask, has_feature)
@@ -220,7 +220,7 @@ class Transport(Protocol):
 
 @functools.lru_cache(maxsize=256)  # one per device a fuzz target meets; each reference starts from one
 def reference_properties(variant: Variant, legacy_interface: bool, ram_bytes: int,
-                         shape: DeviceShape = DeviceShape()) -> DeviceProperties:
+                         shape: DeviceShape = DEFAULT_SHAPE) -> DeviceProperties:
     """The reference device standing for QEMU's balloon of `variant` seen through one interface; `shape` is
     what the QEMU under test chose where the spec lets a device choose (`QemuProfile.device_shape`)."""
     return DeviceProperties(ram_size=ram_bytes, deflate_on_oom=variant.deflate_on_oom,
@@ -255,7 +255,7 @@ class ReferenceTransport:
     """The reference device and driver in memory; the host side (QMP, timers, stop/cont) is modelled here."""
 
     def __init__(self, variant: Variant, legacy_interface: bool, ram_bytes: int = MEMORY_MIB << 20,
-                 shape: DeviceShape = DeviceShape()) -> None:
+                 shape: DeviceShape = DEFAULT_SHAPE) -> None:
         self.device = BalloonDevice(reference_properties(variant, legacy_interface, ram_bytes, shape),
                                     FixedClock(time.time()))
         self.driver = ReferenceDriver(self.device)

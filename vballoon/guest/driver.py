@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from vballoon.guest.health import log_since
 from vballoon.qemu.machine import Machine
+from vballoon.qemu.migration import legacy_config_offset
 
 OPS_WRITE = re.compile(r"memory_region_ops_write cpu \d+ mr (?P<mr>0x[0-9a-f]+) addr (?P<addr>0x[0-9a-f]+) "
                        r"value (?P<value>0x[0-9a-f]+) size (?P<size>\d+) name '(?P<name>[^']*)'")
@@ -27,7 +28,6 @@ MODERN_COMMON_REGION = "virtio-pci-common-virtio-balloon"
 MODERN_STATUS_OFFSET = 0x14
 LEGACY_REGION = "virtio-pci"
 LEGACY_STATUS_OFFSET = 0x12
-LEGACY_CONFIG_OFFSET = 0x14  # no MSI-X on virtio-balloon-pci: the config follows the 20-byte header
 LEGACY_BAR_SIZE = 0x40
 
 
@@ -56,11 +56,13 @@ def trace_probe_writes(vm: Machine) -> list[ConfigWrite]:
         reload_driver(vm)
     finally:
         vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write off"})
-    return balloon_writes(log_since(vm.logs.stderr, start), legacy=vm.variant.transport == "legacy")
+    legacy = vm.variant.transport == "legacy"
+    return balloon_writes(log_since(vm.logs.stderr, start), legacy, legacy_config_offset(vm) if legacy else 0)
 
 
-def balloon_writes(trace: str, legacy: bool) -> list[ConfigWrite]:
-    """The writes to the balloon's device_status and device config in a trace."""
+def balloon_writes(trace: str, legacy: bool, legacy_config_offset: int = 0) -> list[ConfigWrite]:
+    """The writes to the balloon's device_status and device config in a trace; the legacy device config starts
+    at `legacy_config_offset` of its I/O BAR (20, or 24 with MSI-X)."""
     writes: list[ConfigWrite] = []
     for match in OPS_WRITE.finditer(trace):
         name, addr = match["name"], int(match["addr"], 16)
@@ -69,8 +71,8 @@ def balloon_writes(trace: str, legacy: bool) -> list[ConfigWrite]:
             offset = addr % LEGACY_BAR_SIZE
             if offset == LEGACY_STATUS_OFFSET:
                 writes.append(ConfigWrite("status", 0, value, size))
-            elif offset >= LEGACY_CONFIG_OFFSET:
-                writes.append(ConfigWrite("config", offset - LEGACY_CONFIG_OFFSET, value, size))
+            elif offset >= legacy_config_offset:
+                writes.append(ConfigWrite("config", offset - legacy_config_offset, value, size))
         elif not legacy and name == MODERN_COMMON_REGION and addr % 0x1000 == MODERN_STATUS_OFFSET:
             writes.append(ConfigWrite("status", 0, value, size))
         elif not legacy and name == MODERN_DEVICE_REGION:

@@ -260,6 +260,8 @@ def _cache_key(packages: dict[str, str], kernel: Path | None, modules: Path | No
     inputs = {
         "packages": packages,
         "kernel": _file_digest(kernel) if kernel else None,
+        "kernel_config": _file_digest(config) if kernel and (config := _user_kernel_config(
+            kernel, bzimage_version(kernel))) else None,
         "modules": _tree_digest(modules) if modules else None,
         "recipe": _tree_digest(RECIPE_DIR),
         "builder": _file_digest(Path(__file__)),
@@ -544,7 +546,8 @@ def _install_modules(tree: tuple[Path, str] | None, staging: Path, log: Log) -> 
     return order
 
 
-def _compile_memhog(dest: Path) -> None:
+def compile_memhog(dest: Path) -> None:
+    """Build the guest helper (static, so the host can run it too: it makes reference patterns)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     _run(["gcc", "-static", "-O2", "-s", "-Wall", "-Wextra", "-o", str(dest), str(RECIPE_DIR / "memhog.c")])
 
@@ -614,6 +617,13 @@ def _assemble(
         shutil.copyfile(kernel, out / "bzImage")
     tree = _module_tree(work, kernel_root, debian_version, modules)
     version = debian_version or bzimage_version(out / "bzImage")
+    if kernel is not None:
+        config = _user_kernel_config(kernel, version)
+        if config is None:
+            log(f"--kernel {kernel}: no config-{version} beside it and no .config in its build tree: expectations "
+                "that need the kernel's config (CONFIG_PAGE_POISONING for +pgpoison) assume Debian's")
+        else:
+            shutil.copyfile(config, out / "kernel.config")
     if tree is not None and tree[1] != version:
         raise UsageError(f"--modules {modules}: modules are for {tree[1]} but --kernel is {version}")
     staging = work / "root"
@@ -625,11 +635,20 @@ def _assemble(
     _install_busybox(sysroot, staging)
     _install_dropbear(sysroot, staging, out)
     order = _install_modules(tree, staging, log)
-    _compile_memhog(staging / "usr" / "bin" / "memhog")
+    compile_memhog(staging / "usr" / "bin" / "memhog")
     _write_guest_config(staging, version, order)
     write_cpio(staging, out / "initrd.cpio")
     metadata = {"key": key, "kernel_version": version, "modules": order}
     (out / "image.json").write_text(json.dumps(metadata, indent=1) + "\n")
+
+
+def _user_kernel_config(kernel: Path, version: str) -> Path | None:
+    """The config of a user's kernel: `config-<version>` beside it (a /boot or `vballoon upstream fetch` layout),
+    or the `.config` of the build tree holding arch/x86/boot/bzImage."""
+    candidates = [kernel.parent / f"config-{version}"]
+    if kernel.resolve().parent.match("arch/x86/boot"):
+        candidates.append(kernel.resolve().parents[3] / ".config")
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def _read_config(path: Path) -> dict[str, str] | None:

@@ -12,6 +12,7 @@ and removes the temp dir, whatever ended the block.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import re
 import shlex
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from vballoon.errors import QemuError
 from vballoon.qemu.machine import Machine
@@ -221,6 +222,12 @@ class Migration:
 
     def resume_destination(self, timeout: float) -> Machine:
         """The destination running the guest, with SSH connected; from a state file it is started here."""
+        destination = self.destination_running(timeout)
+        destination.connect_ssh(SSH_AFTER_MIGRATION_TIMEOUT)
+        return destination
+
+    def destination_running(self, timeout: float) -> Machine:
+        """The destination running the guest (SSH not yet connected); from a state file it is started here."""
         if self.via_file and self.destination is None:
             self._start_destination(f"exec:cat {shlex.quote(str(self.state_file))}")
         destination = self.destination
@@ -235,7 +242,6 @@ class Migration:
                      describe_last=lambda: str(monitor(destination).command("query-status")))
         except DeadlineExceeded as error:
             raise MigrationError(f"{error}; {self.describe_logs()}") from None
-        destination.connect_ssh(SSH_AFTER_MIGRATION_TIMEOUT)
         return destination
 
     def describe_logs(self) -> str:
@@ -265,8 +271,7 @@ def balloon_config_u32(machine: Machine, field: ConfigField) -> int:
     qmp = monitor(machine)
     regions = {region["bar"]: region for region in _balloon_pci_regions(qmp)}
     if machine.variant.transport == "legacy":
-        has_msix = any(region["type"] == "memory" for region in regions.values())
-        address = int(regions[LEGACY_CONFIG_BAR]["address"]) + (LEGACY_HEADER_MSIX if has_msix else LEGACY_HEADER)
+        address = int(regions[LEGACY_CONFIG_BAR]["address"]) + legacy_config_offset(machine)
         command = f"i /w {address + int(field):#x}"  # HMP sizes: b, h, w (32 bits)
     else:
         address = int(regions[MODERN_CONFIG_BAR]["address"]) + MODERN_CONFIG_OFFSET
@@ -276,6 +281,13 @@ def balloon_config_u32(machine: Machine, field: ConfigField) -> int:
     if match is None:
         raise QemuError(f"HMP {command!r} answered {text!r}; expected a 32-bit value")
     return int(match[1], 16)
+
+
+def legacy_config_offset(machine: Machine) -> int:
+    """Where the device config starts in the legacy I/O BAR: after a 20-byte header, or 24 bytes when the device
+    has MSI-X (a memory BAR; QEMU 10.0 gives virtio-balloon-pci two vectors, 7.2 none) and Linux enables it."""
+    has_msix = any(region["type"] == "memory" for region in _balloon_pci_regions(monitor(machine)))
+    return LEGACY_HEADER_MSIX if has_msix else LEGACY_HEADER
 
 
 def _balloon_pci_regions(qmp: Monitor) -> list[dict[str, Any]]:
@@ -327,6 +339,27 @@ def pages_differing_after_migration(source: Machine, destination_log_dir: Path, 
                 monitor(machine).command("pmemsave", val=0, size=source.memory_mib << 20, filename=str(dump))
                 dumps.append(dump)
         return _differing_pages(*dumps)
+
+
+def pages_absent_from_ram(machine: Machine, expected: Path, work_dir: Path) -> int:
+    """How many 4 KiB pages of the file `expected` appear nowhere in `machine`'s guest RAM (read by pmemsave).
+
+    For a pattern the guest wrote before a migration and left alone, every page must be found byte for byte
+    on the destination, wherever the guest kernel keeps it; the guest's health plays no part.
+    """
+    dump = work_dir / "ram.bin"
+    monitor(machine).command("pmemsave", val=0, size=machine.memory_mib << 20, filename=str(dump))
+    try:
+        present = set(_page_digests(dump))
+    finally:
+        dump.unlink(missing_ok=True)
+    return sum(digest not in present for digest in _page_digests(expected))
+
+
+def _page_digests(path: Path, page: int = 4096) -> Iterator[bytes]:
+    with path.open("rb") as data:
+        while chunk := data.read(page):
+            yield hashlib.blake2b(chunk, digest_size=16).digest()
 
 
 def _differing_pages(first: Path, second: Path, page: int = 4096) -> list[int]:

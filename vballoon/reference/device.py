@@ -59,6 +59,10 @@ class DeviceShape:
     queue_max_sizes: tuple[tuple[str, int], ...] = tuple(QUEUE_MAX_SIZES.items())
     """(queue, maximum size) of every queue the device can create."""
 
+
+DEFAULT_SHAPE = DeviceShape()
+"""QEMU 10.0's stats count with the queue sizes realize asks for: the reference's shape without a QEMU to copy."""
+
 INFLATED = frozenset({PageOutcome.UNCHANGED, PageOutcome.ZERO})
 REPORTED_WITHOUT_POISON = frozenset({PageOutcome.UNCHANGED, PageOutcome.ZERO})
 REPORTED_WITH_POISON = frozenset({PageOutcome.UNCHANGED, PageOutcome.POISON})
@@ -84,7 +88,7 @@ class DeviceProperties:
     """Offer VERSION_1 (modern virtio-pci); False models a legacy-only device."""
     guest_endian: Endian = "little"
     """Byte order of legacy buffers (guest-native; little on x86)."""
-    shape: DeviceShape = DeviceShape()
+    shape: DeviceShape = DEFAULT_SHAPE
     """Stats count and queue sizes, as the QEMU under test has them."""
     ring_features: int = feature_mask(Feature.INDIRECT_DESC, Feature.EVENT_IDX)
     """Transport features offered besides the balloon bits (QEMU 7.2 also offers RING_RESET)."""
