@@ -2,7 +2,7 @@
 
 A `Variant` is one point of the test matrix. It knows the QEMU device
 properties it stands for, the features QEMU will offer for them, and the
-features the Linux 6.1 driver will accept: that prediction is the oracle of
+features the Linux driver will accept (6.1 and 6.12 alike): that prediction is the oracle of
 the negotiation tests (BAL-DRV-FEAT-POISON, BAL-DRV-FEAT-REPORT).
 
 Names are readable and round-trip: `pci-modern+doom+fph+fpr-poison` is the
@@ -25,7 +25,8 @@ TRANSPORTS = ("modern", "transitional", "legacy")
 BACKENDS = ("anon", "shm", "memfd", "hugetlb")
 GUEST_BOOTS = ("plain", "iof", "pgpoison")
 
-# Transport bits the Linux 6.1 virtio core keeps (vring_transport_features).
+# Transport bits the Linux virtio core keeps (vring_transport_features, 6.1; 6.12 adds NOTIFICATION_DATA and
+# ADMIN_VQ, which no variant setting controls).
 LINUX_TRANSPORT_BITS = frozenset({Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1, Feature.ACCESS_PLATFORM,
                                   Feature.RING_PACKED, Feature.IN_ORDER})
 LINUX_BALLOON_BITS = frozenset(range(Feature.MUST_TELL_HOST, Feature.REPORTING + 1))
@@ -150,14 +151,14 @@ class Variant:
             "indirect_desc": onoff(self.indirect_desc),
         }
         if self.free_page_hint:
-            # QEMU 7.2 requires an iothread for free page hinting.
+            # QEMU (7.2 and 10.0) requires an iothread for free page hinting.
             props["iothread"] = iothread_id
         return props
 
     # --- the negotiation oracle -----------------------------------------
 
     def offered_features(self) -> frozenset[int]:
-        """The MODELLED_BITS QEMU 7.2 offers (virtio_balloon_get_features, virtio-pci).
+        """The MODELLED_BITS QEMU offers (virtio_balloon_get_features, virtio-pci; the same in 7.2 and 10.0).
 
         QEMU offers further transport bits (NOTIFY_ON_EMPTY, ANY_LAYOUT, ...)
         that no variant setting controls; comparisons restrict to MODELLED_BITS.
@@ -175,7 +176,7 @@ class Variant:
         return frozenset(bits)
 
     def accepted_features(self) -> frozenset[int]:
-        """What Linux 6.1's virtio_balloon accepts of the offered features.
+        """What Linux's virtio_balloon accepts of the offered features (virtballoon_validate: the same in 6.1 and 6.12).
 
         virtballoon_validate clears PAGE_POISON unless init_on_free or page
         poisoning is on (BAL-DRV-FEAT-POISON), and otherwise clears REPORTING

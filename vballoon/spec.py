@@ -198,7 +198,7 @@ def encode_stats(entries: Iterable[tuple[int, int]], endian: Endian = "little") 
 def decode_stats(data: bytes, endian: Endian = "little") -> DecodedStats:
     """Split a stats buffer into entries; a trailing partial entry is ignored.
 
-    Entries are read while 10 whole bytes remain, as QEMU 7.2 does.
+    Entries are read while 10 whole bytes remain, as QEMU 7.2 and 10.0 do.
     """
     fmt = struct_prefix(endian) + "HQ"
     whole = len(data) - len(data) % STAT_ENTRY_SIZE
@@ -232,7 +232,7 @@ def encode_pfns(pfns: Iterable[int], endian: Endian = "little") -> bytes:
 
 
 def decode_pfns(data: bytes, endian: Endian = "little") -> DecodedPfns:
-    """Read 32-bit PFNs while 4 whole bytes remain, as QEMU 7.2 does."""
+    """Read 32-bit PFNs while 4 whole bytes remain, as QEMU 7.2 and 10.0 do."""
     count = len(data) // PFN_SIZE
     return DecodedPfns(struct.unpack(f"{struct_prefix(endian)}{count}I", data[:count * PFN_SIZE]),
                        len(data) - count * PFN_SIZE)
@@ -245,7 +245,7 @@ CMD_ID_DONE = 1
 CMD_ID_MIN = 0x80000000
 """Lowest id QEMU issues; QEMU starts its counter here."""
 CMD_ID_FIRST = 0x80000001
-"""First id QEMU 7.2 issues: the counter is incremented before use."""
+"""First id QEMU 7.2 and 10.0 issue: the counter is incremented before use."""
 CMD_ID_MAX = 0xFFFFFFFF
 CMD_ID_SIZE = 4
 
@@ -266,7 +266,7 @@ def encode_cmd_id(cmd_id: int, endian: Endian = "little") -> bytes:
 def decode_cmd_id(data: bytes, endian: Endian = "little") -> int:
     """Read the command id from the first 4 bytes; DecodeError if fewer.
 
-    QEMU 7.2 reads the first 4 bytes of the out buffer and ignores the rest;
+    QEMU 7.2 and 10.0 read the first 4 bytes of the out buffer and ignores the rest;
     fewer than 4 bytes is a device error ("received an incorrect cmd id").
     """
     if len(data) < CMD_ID_SIZE:
@@ -298,7 +298,7 @@ CONFIG_SIZES = (CONFIG_SIZE_BASE, CONFIG_SIZE_HINT, CONFIG_SIZE_FULL)
 
 
 def config_size(offered_features: int, qemu_4_0_config_size: bool = False) -> int:
-    """Config space size as QEMU 7.2 picks it (virtio_balloon_config_size).
+    """Config space size as QEMU 7.2 and 10.0 pick it (virtio_balloon_config_size).
 
     16 if PAGE_POISON is offered or the qemu-4-0-config-size quirk is on,
     12 if FREE_PAGE_HINT is offered, else 8.

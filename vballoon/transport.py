@@ -268,7 +268,7 @@ class ReferenceTransport:
         Why this is a driver violation and not a device deviation: the spec makes poison_val "valid" only with
         PAGE_POISON negotiated (5.5.4) and asks the driver to populate it before DRIVER_OK (BAL-DRV-PP-2) and
         never to change it while DRIVER_OK is set (BAL-DRV-PP-3); it says nothing of the value the device holds
-        when the driver did not populate it. QEMU 7.2 keeps the driver's bytes in its config image
+        when the driver did not populate it. QEMU 7.2 and 10.0 keep the driver's bytes in its config image
         (`vdev->config`, rebuilt only by a config read) and `virtio_balloon_set_config` copies the whole image
         on any config write: bytes written to poison_val without PAGE_POISON, or before a reset, come back as
         poison_val at the next config write of a negotiation that accepted PAGE_POISON but did not write
@@ -276,7 +276,7 @@ class ReferenceTransport:
         self.poison_val_was_unspecified = False
         """`poison_val_unspecified` held at some point of the scenario (reads of poison_val are then not judged)."""
         self.hints_held = False
-        """Free page hint buffers were published while the VM was stopped and wait for cont. QEMU 7.2 hands
+        """Free page hint buffers were published while the VM was stopped and wait for cont. QEMU 7.2 and 10.0 hand
         them to an iothread that is blocked while the VM is stopped (`block_iothread`); a reset before cont
         leaves them unprocessed. The spec lets a device use a buffer whenever it likes, so the reference
         takes QEMU's timing."""
@@ -542,7 +542,7 @@ def _is_subsequence(part: Sequence[int], whole: Sequence[int]) -> bool:
 
 LOST_NEEDS_RESET = "virtio 2.1.2 DEVICE_NEEDS_RESET"
 """Outside the balloon chapter: "The device SHOULD set DEVICE_NEEDS_RESET when it enters an error state that a
-reset is needed." QEMU 7.2 can lose the bit: virtio_error in the free page hint iothread sets it while the main
+reset is needed." QEMU 7.2 and 10.0 can lose the bit: virtio_error in the free page hint iothread sets it while the main
 loop is inside virtio_set_status (hw/virtio/virtio.c), which wakes that iothread through the balloon's
 set_status and then stores the status value it was called with."""
 

@@ -5,7 +5,7 @@ Everything goes through a `Memory` (`read(addr, n)`, `write(addr, data)`):
 over qtest.  The driver side lays out rings, adds chains of out and in
 buffers (direct or through an indirect table), publishes them and collects
 used entries.  The device side pops chains, checks them the way the spec
-and QEMU 7.2's virtqueue_pop do, and pushes used entries.  A chain that
+and QEMU's (7.2 and 10.0) virtqueue_pop do, and pushes used entries.  A chain that
 breaks a ring rule raises `MalformedRingError`, which a device turns into
 DEVICE_NEEDS_RESET (QEMU: virtio_error).
 
@@ -394,7 +394,7 @@ class SplitDriverQueue:
 
 
 class SplitDeviceQueue:
-    """Device side of a split virtqueue, with the checks of QEMU 7.2's virtqueue_pop."""
+    """Device side of a split virtqueue, with the checks of QEMU's (7.2 and 10.0) virtqueue_pop."""
 
     def __init__(self, memory: Memory, layout: SplitLayout, *, event_idx: bool = False, endian: Endian = "little") -> None:
         self.ring = _RingAccess(memory, layout, endian)

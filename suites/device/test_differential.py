@@ -9,7 +9,7 @@ turns the test into an expected failure naming the deviation.
 
 One QEMU per example: starting one costs about 70 ms, while a device reset
 would not give a fresh device (guest-stats, last-update, the polling timer,
-num_pages, actual and discarded RAM all survive it in QEMU 7.2).
+num_pages, actual and discarded RAM all survive it in QEMU 7.2 and 10.0).
 """
 
 from __future__ import annotations

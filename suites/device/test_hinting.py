@@ -42,7 +42,7 @@ def test_command_id_goes_stop_requested_done_across_a_migration(balloon: QtestBa
     assert after == CMD_ID_DONE, f"BAL-DEV-FPH-6: after migration cmd_id should be DONE (1), got {after:#x}"
 
 
-FREE_PAGE_VQ = 3  # QEMU 7.2: after statsq when free-page-hint is on
+FREE_PAGE_VQ = 3  # QEMU 7.2 and 10.0: after statsq when free-page-hint is on
 PATTERN = 0xA5
 HINTING_MODERN = HINTING[:1]
 

@@ -47,7 +47,7 @@ def assert_sentinels_intact(machine: QtestMachine, *pages: int) -> None:
 @pytest.mark.req("BAL-DEV-FPR-1")
 @over(REPORTING_WITHOUT_POISON)
 def test_reported_pages_without_page_poison_read_zero(balloon: QtestBalloon, qtest_machine: QtestMachine) -> None:
-    """Without PAGE_POISON the device MAY modify reported pages; QEMU 7.2 discards them, so they read zero."""
+    """Without PAGE_POISON the device MAY modify reported pages; QEMU 7.2 and 10.0 discard them, so they read zero."""
     balloon.start()
     before, block, after = report_block(balloon)
     content = qtest_machine.qtest.read(block, REPORTED_PAGES * PAGE_SIZE)

@@ -24,7 +24,7 @@ def names(bits: frozenset[int]) -> list[int]:
 
 @pytest.mark.req("BAL-DRV-FEAT-POISON", "BAL-DRV-FEAT-REPORT", "BAL-DEV-LEG-FEAT-1")
 def test_negotiated_features_match_oracle(shared_vm: Machine, variant: Variant) -> None:
-    """The guest accepts exactly the features Linux 6.1 should accept of what QEMU offers."""
+    """The guest accepts exactly the features Linux (6.1, 6.12) should accept of what QEMU offers."""
     expected = variant.accepted_features()
     in_guest = guest_balloon_features(shared_vm)
     assert in_guest & MODELLED_BITS == expected, (

@@ -6,7 +6,7 @@ count) and sleeps 200 ms before the next try (BAL-DRV-OP-1: SHOULD supply
 pages, as many as it can). The guest boots with `quiet`, so the lines are
 read from dmesg over SSH.
 
-Variants: those with DEFLATE_ON_OOM. Without it Linux 6.1 keeps inflating
+Variants: those with DEFLATE_ON_OOM. Without it Linux (6.1, 6.12) keeps inflating
 until the OOM killer has no victim and panics "System is deadlocked on
 memory" (see test_inflate.py); with it the OOM notifier gives pages back and
 the guest lives. The guest is left without known state: `fresh_vm`.

@@ -1,6 +1,6 @@
 """The driver's lifecycle with the balloon inflated: suspend and resume, remove and probe again.
 
-Linux 6.1 gives every page back and resets the device when it is frozen for
+Linux (6.1, 6.12) gives every page back and resets the device when it is frozen for
 a system sleep (virtballoon_freeze -> remove_common) or removed
 (virtballoon_remove), and inflates again to the host's target on restore or
 probe. From outside that must look like nothing happened: the balloon is its
@@ -118,7 +118,7 @@ def test_balloon_survives_suspend_and_resume(s3_vm: Machine, state: str, session
 
 def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> None:
     """BAL-DRV-PP-2: the sleep reset the device (QEMU's reset clears poison_val), so the driver must write
-    poison_val again before DRIVER_OK. Linux 6.1's virtballoon_restore does not; with page_poison=1 QEMU then
+    poison_val again before DRIVER_OK. Linux's virtballoon_restore (6.1, 6.12) does not; with page_poison=1 QEMU then
     discards reported free pages the guest expects to hold 0xaa, and page poisoning reports corruption."""
     if Feature.PAGE_POISON not in vm.variant.accepted_features():
         return

@@ -1,19 +1,19 @@
 """Hinted pages under memory pressure: the driver's shrinker gives them back before the host says DONE.
 
-Linux 6.1 holds every 4 MiB block it hinted on a list (num_free_page_blocks)
+Linux (6.1, 6.12) holds every 4 MiB block it hinted on a list (num_free_page_blocks)
 until the command id becomes DONE (report_free_page_func), and registers a
 shrinker over that list: under reclaim, virtio_balloon_shrinker_scan frees
 blocks at once, whatever the command id (BAL-DRV-FPH-7). A guest whose free
 memory is hinted away must therefore not OOM when a process needs it. The
 driver's count is not observable (the Debian kernels lack
-CONFIG_SHRINKER_DEBUG, QEMU 7.2 has no hinting trace events), so the evidence
+CONFIG_SHRINKER_DEBUG, QEMU 7.2 and 10.0 have no hinting trace events), so the evidence
 is what the guest and the host see: MemFree falls while hinting holds the
 blocks; a memhog larger than MemFree then gets its memory, its pattern
 verifies (BAL-DRV-FPH-9) and oom_kill stays put, while the migration is still
 active with no dirty-bitmap sync since hinting began: QEMU issued neither DONE
 nor a new command id (either would make the driver release or hint again), so
 only the shrinker can have released the blocks. The config's command id
-cannot show this: QEMU 7.2 reads it as 0 once the guest has started hinting
+cannot show this: QEMU (7.2, 10.0) reads it as 0 once the guest has started hinting
 (FREE_PAGE_HINT_S_START). After the cancel, DONE gives back what the shrinker
 left (BAL-DRV-FPH-10).
 

@@ -1,7 +1,7 @@
 """The QEMU differential executor: inputs on one long-lived QEMU over qtest and on the reference device.
 
 QEMU starts once per executor and stays up: between inputs the device is reset and everything a reset
-leaves behind in QEMU 7.2 is put back by hand (a stopped VM, the polling interval, num_pages, actual, the
+leaves behind in QEMU 7.2 and 10.0 is put back by hand (a stopped VM, the polling interval, num_pages, actual, the
 pool pages; guest-stats cannot be cleared, so after an input that sent statistics both sides are "primed"
 with an empty report, see `_prime_stats_on_qemu`), and only what the input changed and did not leave as a
 fresh QEMU has it. It restarts only after a crash or a hang.
@@ -70,7 +70,7 @@ STALE_EVENT_SECONDS = 2 * EVENT_RATE_LIMIT
 """How long a BALLOON_CHANGE value an earlier input or a restore caused is taken as stale when it heads an input's
 events: twice the period QEMU can hold an event back."""
 STATS_PRIMING_BUFFER = bytes(1)
-"""A stats buffer without a whole entry: every statistic unset, last-update set (QEMU 7.2 and reference)."""
+"""A stats buffer without a whole entry: every statistic unset, last-update set (QEMU 7.2 and 10.0, and the reference)."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _writes_actual(ops: tuple[Operation, ...]) -> bool:
 
 
 def _may_change_stats(ops: tuple[Operation, ...]) -> bool:
-    """Whether guest-stats can differ from before: only a stats buffer changes it (QEMU 7.2's poll timer gives
+    """Whether guest-stats can differ from before: only a stats buffer changes it (QEMU's (7.2 and 10.0) poll timer gives
     a held buffer back without touching the values)."""
     return any(isinstance(op, AddBuffer) and op.queue == STATSQ for op in ops)
 
@@ -390,7 +390,7 @@ class QemuDifferential:
     def _shows_device_error(self, transport: QemuTransport) -> bool:
         """Whether QEMU's device is in virtio_error now. On the modern interface its DEVICE_NEEDS_RESET bit says
         so (set after the message is printed): a register of this device, where stderr can hold a late line of
-        an earlier input's hint iothread. QEMU 7.2 can lose the bit (`transport.LOST_NEEDS_RESET`), so a message
+        an earlier input's hint iothread. QEMU 7.2 and 10.0 can lose the bit (`transport.LOST_NEEDS_RESET`), so a message
         of this input that no bit has followed for LOST_BIT_GRACE counts too. The legacy interface has no such
         bit, so stderr is read there."""
         if self.legacy_interface:

@@ -116,7 +116,7 @@ DEVICE_RESERVED_BITS = 0xC0
 
 @functools.lru_cache(maxsize=256)
 def offered_balloon_features(variant: Variant) -> int:
-    """The balloon feature bits QEMU 7.2 offers for `variant` (the reference's), without MUST_TELL_HOST."""
+    """The balloon feature bits QEMU 7.2 and 10.0 offer for `variant` (the reference's), without MUST_TELL_HOST."""
     return reference_properties(variant, False, MEMORY_MIB << 20).offered_features & NEGOTIABLE
 
 

@@ -36,7 +36,7 @@ CANCEL_TIMEOUT = 30.0
 SSH_AFTER_MIGRATION_TIMEOUT = 30.0
 
 BALLOON_QDEV_ID = "balloon0"
-MODERN_CONFIG_BAR, MODERN_CONFIG_OFFSET = 4, 0x2000  # virtio-pci in QEMU 7.2: device-specific region of BAR 4
+MODERN_CONFIG_BAR, MODERN_CONFIG_OFFSET = 4, 0x2000  # virtio-pci (QEMU 7.2, 10.0): device-specific region of BAR 4
 LEGACY_CONFIG_BAR = 0  # the legacy I/O BAR: a 20-byte header, 24 when the device has MSI-X (a memory BAR)
 LEGACY_HEADER, LEGACY_HEADER_MSIX = 20, 24
 # The free page hint subsection of the balloon's vmstate (QEMU 7.2 names it "free-page-report"):

@@ -293,7 +293,7 @@ class QtestBalloon:
         return self.offered & feature_mask(*BALLOON_FEATURES, Feature.VERSION_1)
 
     def queue_index(self, feature: Feature) -> int:
-        """Where QEMU 7.2 puts the hinting and reporting queues: after statsq, in that order, when offered."""
+        """Where QEMU 7.2 and 10.0 put the hinting and reporting queues: after statsq, in that order, when offered."""
         index = STATSQ + 1
         if feature == Feature.REPORTING and has_feature(self.offered, Feature.FREE_PAGE_HINT):
             index += 1

@@ -91,11 +91,11 @@ class DeviceProperties:
     shape: DeviceShape = DEFAULT_SHAPE
     """Stats count and queue sizes, as the QEMU under test has them."""
     ring_features: int = feature_mask(Feature.INDIRECT_DESC, Feature.EVENT_IDX)
-    """Transport features offered besides the balloon bits (QEMU 7.2 also offers RING_RESET)."""
+    """Transport features offered besides the balloon bits (QEMU 7.2 and 10.0 also offer RING_RESET)."""
 
     @functools.cached_property  # read on every status write and invariant check
     def offered_features(self) -> int:
-        """STATS_VQ always, MUST_TELL_HOST never, the rest from the properties (QEMU 7.2)."""
+        """STATS_VQ always, MUST_TELL_HOST never, the rest from the properties (QEMU 7.2 and 10.0)."""
         bits = [Feature.STATS_VQ]
         bits += [Feature.DEFLATE_ON_OOM] if self.deflate_on_oom else []
         bits += [Feature.FREE_PAGE_HINT] if self.free_page_hint else []
@@ -194,7 +194,7 @@ class BalloonDevice:
         self.queues = list(map(Queue, self.properties.queue_names, sizes, sizes))
 
     def reset(self) -> None:
-        """Device reset: status, features, queues, poison_val; num_pages and actual persist (QEMU 7.2)."""
+        """Device reset: status, features, queues, poison_val; num_pages and actual persist (QEMU 7.2 and 10.0)."""
         self.hinting.reset()
         self.stats.buffers_seen = 0
         self._reset_transport()
@@ -215,7 +215,7 @@ class BalloonDevice:
         return buffer_endian(self.driver_features, self.properties.guest_endian)
 
     def write_driver_features(self, features: int) -> None:
-        """The driver accepts features; ignored once FEATURES_OK is set (as QEMU 7.2)."""
+        """The driver accepts features; ignored once FEATURES_OK is set (as QEMU 7.2 and 10.0)."""
         if not self.status & Status.FEATURES_OK:
             self.driver_features = features
 
@@ -223,7 +223,7 @@ class BalloonDevice:
         """Write the device status register; 0 resets the device.
 
         FEATURES_OK sticks only if the accepted features are a subset of the
-        offered ones (QEMU 7.2 instead masks unoffered bits and keeps it).
+        offered ones (QEMU 7.2 and 10.0 instead masks unoffered bits and keeps it).
         DEVICE_NEEDS_RESET is the device's bit and survives driver writes.
         """
         if value == 0:
@@ -290,7 +290,7 @@ class BalloonDevice:
         """Apply `actual`; a legacy device waits for its last byte (BAL-DEV-LEG-ACT).
 
         A legacy driver writes `actual` in one access (BAL-DRV-LEG-ACT); a
-        narrower write is staged here.  QEMU 7.2 applies every byte at once.
+        narrower write is staged here.  QEMU 7.2 and 10.0 apply every byte at once.
         """
         if not self.modern and not last_byte_written:
             if self.staged_actual is None:
@@ -304,7 +304,7 @@ class BalloonDevice:
             self.events.append(BalloonChange(self.properties.ram_size - (new << PFN_SHIFT)))
 
     def _write_poison_val(self, value: int) -> None:
-        """poison_val holds only with PAGE_POISON negotiated (QEMU 7.2 keeps 0 otherwise)."""
+        """poison_val holds only with PAGE_POISON negotiated (QEMU 7.2 and 10.0 keep 0 otherwise)."""
         if not self._has(Feature.PAGE_POISON):
             return
         if self.status & Status.DRIVER_OK and value != self.poison_val:
@@ -317,7 +317,7 @@ class BalloonDevice:
         return self.properties.queue_names.index(name)
 
     def set_queue_size(self, index: int, size: int) -> None:
-        """Set a queue's size; values outside 1..max are ignored (QEMU 7.2)."""
+        """Set a queue's size; values outside 1..max are ignored (QEMU 7.2 and 10.0)."""
         queue = self.queues[index]
         if 1 <= size <= queue.max_size:
             queue.size = size
@@ -352,7 +352,7 @@ class BalloonDevice:
 
     def _complete(self, index: int, chain: Chain) -> None:
         """Return a buffer with used length 0, as QEMU does (the driver ignores it: BAL-LEG-USED). A broken
-        device returns nothing: QEMU 7.2's virtqueue_fill drops the element once virtio_error has run (the stats
+        device returns nothing: QEMU's (7.2 and 10.0) virtqueue_fill drops the element once virtio_error has run (the stats
         poll timer still fires)."""
         ring = self.queues[index].ring
         assert ring is not None
@@ -390,7 +390,7 @@ class BalloonDevice:
         """Parse a stats buffer and hold it until the next poll.
 
         A second buffer while one is held breaks BAL-DRV-ST-1; the held one
-        is returned at once (QEMU 7.2).  A buffer whose size is not a
+        is returned at once (QEMU 7.2 and 10.0).  A buffer whose size is not a
         multiple of 10 breaks BAL-DRV-ST-5.
         """
         if self.held_stats is not None:
@@ -404,7 +404,7 @@ class BalloonDevice:
     def _free_page_hints(self, index: int, chain: Chain) -> None:
         """A command id (out) and/or hinted pages (in) on free_page_vq.
 
-        An out buffer shorter than 4 bytes is a device error, as QEMU 7.2
+        An out buffer shorter than 4 bytes is a device error, as QEMU 7.2 and 10.0
         ("received an incorrect cmd id"); the driver sends 4 (BAL-DRV-FPH-1).
         Pages count only under the current id (BAL-DEV-FPH-3) and may then
         hold anything until the driver writes them (BAL-DEV-FPH-4).

@@ -7,7 +7,7 @@ class DeviceError(VballoonError):
     """The driver broke a rule badly enough that the device stops working.
 
     A modern device sets DEVICE_NEEDS_RESET and both kinds stop processing
-    queues until reset, as QEMU 7.2's virtio_error does.
+    queues until reset, as QEMU's (7.2 and 10.0) virtio_error does.
     """
 
 

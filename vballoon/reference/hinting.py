@@ -14,7 +14,7 @@ from vballoon.spec import CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, next_cmd_id
 
 
 class HintState(Enum):
-    """QEMU 7.2's free_page_hint_status values."""
+    """QEMU's (7.2 and 10.0) free_page_hint_status values."""
 
     STOP = 0
     REQUESTED = 1
@@ -44,7 +44,7 @@ class FreePageHinting:
 
         The issued id while the device wants hints, STOP when it cannot use
         them (BAL-DEV-FPH-1), DONE when it no longer needs them (BAL-DEV-FPH-6).
-        QEMU 7.2 shows 0 (STOP) once the driver has started (state START);
+        QEMU 7.2 and 10.0 show 0 (STOP) once the driver has started (state START);
         the reference keeps showing the id, which the spec requires.
         """
         if self.state in _SHOWING_THE_ID:

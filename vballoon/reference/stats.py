@@ -36,7 +36,7 @@ class StatsState:
         """Take the statistics of one buffer from the stats queue.
 
         Values are reset first, so an omitted or empty buffer clears them and
-        still updates last-update (QEMU 7.2).  Entries may come in any order
+        still updates last-update (QEMU 7.2 and 10.0).  Entries may come in any order
         (BAL-DEV-ST-2); unknown tags are ignored (BAL-DEV-ST-1); a duplicate
         tag's last value wins; a trailing partial entry is ignored.  A legacy
         device ignores the values of the first buffer (BAL-DEV-LEG-ST-FIRST):
