@@ -19,7 +19,8 @@ help:
 	@echo "make conformance [MATRIX=quick|standard|full]  run the conformance suites, write reports/junit.xml"
 	@echo "make test                                      run vballoon's own tests and the smoke tier"
 	@echo "make conformance HUGEPAGES=600                 also reserve huge pages so +hugetlb variants run"
-	@echo "make bench | lint | image | clean"
+	@echo "make test-upstream                             the same on Debian 13's QEMU 10.0 and Linux 6.12, and the mixed pairs"
+	@echo "make bench | lint | image | upstream | clean"
 
 deps:
 	@missing=""; \
@@ -72,8 +73,11 @@ UPSTREAM_PACKAGES := ninja-build libglib2.0-dev libpixman-1-dev zlib1g-dev flex 
 	libslirp-dev python3-venv libfdt-dev dpkg-dev
 UPSTREAM_ARGS ?=
 
-.PHONY: upstream
-upstream: deps
+.PHONY: upstream upstream-deps test-upstream
+upstream: upstream-deps
+	$(TOX) -e upstream -- $(UPSTREAM_ARGS)
+
+upstream-deps: deps
 	@missing=""; \
 	for pkg in $(UPSTREAM_PACKAGES); do \
 	  dpkg-query -W -f='$${db:Status-Status}' $$pkg 2>/dev/null | grep -qx installed || missing="$$missing $$pkg"; \
@@ -83,7 +87,15 @@ upstream: deps
 	  apt-get update -q; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
-	$(TOX) -e upstream -- $(UPSTREAM_ARGS)
+
+# What CI runs after `make test`: the device suite, the guest quick tier and the migration subset on Debian 13's
+# QEMU 10.0 with Linux 6.12, and the boot and stats tests on the mixed pairs (QEMU 7.2 with Linux 6.12, QEMU 10.0
+# with Linux 6.1). The fetched paths are kept in reports/upstream.env.
+UPSTREAM_ENV := reports/upstream.env
+test-upstream: upstream-deps
+	@mkdir -p reports
+	$(TOX) -qq -e upstream -- --format env $(UPSTREAM_ARGS) > $(UPSTREAM_ENV)
+	env $$(sed -n 's/^VBALLOON_/UPSTREAM_/p' $(UPSTREAM_ENV)) $(TOX) -e upstream-test -- $(PYTEST_ARGS)
 
 clean:
 	rm -rf .tox reports/logs reports/*.xml reports/*.json reports/*.md .coverage .pytest_cache

@@ -34,6 +34,8 @@ FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 RUNNING_STATES = frozenset({"setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling"})
 CANCEL_TIMEOUT = 30.0
 SSH_AFTER_MIGRATION_TIMEOUT = 30.0
+LOADING_STATES = ("inmigrate", "prelaunch")
+"""query-status of a destination that has not finished loading the guest."""
 
 BALLOON_QDEV_ID = "balloon0"
 MODERN_CONFIG_BAR, MODERN_CONFIG_OFFSET = 4, 0x2000  # virtio-pci (QEMU 7.2, 10.0): device-specific region of BAR 4
@@ -227,7 +229,8 @@ class Migration:
         return destination
 
     def destination_running(self, timeout: float) -> Machine:
-        """The destination running the guest (SSH not yet connected); from a state file it is started here."""
+        """The destination once it has loaded the guest and left the incoming state (running, or paused by a guest
+        crash: its RAM can still be read); SSH not yet connected. From a state file it is started here."""
         if self.via_file and self.destination is None:
             self._start_destination(f"exec:cat {shlex.quote(str(self.state_file))}")
         destination = self.destination
@@ -235,7 +238,7 @@ class Migration:
 
         def running() -> bool:
             destination.check_alive()
-            return monitor(destination).command("query-status")["status"] == "running"
+            return monitor(destination).command("query-status")["status"] not in LOADING_STATES
 
         try:
             wait_for(running, timeout, "the destination to run the guest", interval=0.1,
