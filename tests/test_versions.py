@@ -108,3 +108,16 @@ def test_a_user_kernel_config_is_found_beside_it_or_in_its_build_tree(tmp_path: 
     assert _user_kernel_config(tree / "arch/x86/boot/bzImage", "6.13.0") is None
     (tree / ".config").write_text("CONFIG_VIRTIO_BALLOON=y\n")
     assert _user_kernel_config(tree / "arch/x86/boot/bzImage", "6.13.0") == tree / ".config"
+
+
+def test_a_check_needing_a_missing_qmp_command_skips_naming_it(session: Session,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QEMU without x-query-virtio-status (older than 7.1) skips the check that needs it, saying so."""
+    import fixtures.variant_gates as gates
+
+    bare = QemuProfile(session.qemu.version, (), (), frozenset({"query-balloon"}), frozenset(), False)
+    monkeypatch.setattr(gates, "qemu_profile", lambda qemu: bare)
+    with pytest.raises(pytest.skip.Exception, match="has no QMP command x-query-virtio-status: the view"):
+        gates.require_qmp_command(session.qemu, "x-query-virtio-status", "the view")
+    monkeypatch.undo()
+    gates.require_qmp_command(session.qemu, "x-query-virtio-status", "the view")  # the installed QEMU has it

@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from fixtures.qtest_device import ALL_PROPERTIES, TRANSPORTS, DeviceVariant, over
+from fixtures.variant_gates import require_qmp_command
 from vballoon.matrix import MODELLED_BITS
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.qemu.virtio_status import parse_status
@@ -20,6 +21,8 @@ def bits(mask: int) -> list[int]:
 
 
 def guest_features(machine: QtestMachine) -> int:
+    """The features QEMU holds as negotiated (x-query-virtio-status; the test skips without it)."""
+    require_qmp_command(machine.qemu, "x-query-virtio-status", "the features QEMU holds as negotiated")
     (device,) = [d for d in machine.qmp.command("x-query-virtio") if d["name"] == "virtio-balloon"]
     status = parse_status(machine.qmp.command("x-query-virtio-status", path=device["path"]))
     return feature_mask(*status.guest_features)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures.variant_gates import require_qmp_command
 from vballoon.matrix import MODELLED_BITS, Variant
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.virtio_status import parse_status, sysfs_feature_bits
+from vballoon.session import Session
 
 VIRTIO_ID_BALLOON = 5
 
@@ -30,12 +32,20 @@ def test_negotiated_features_match_oracle(shared_vm: Machine, variant: Variant) 
     assert in_guest & MODELLED_BITS == expected, (
         f"guest sysfs features: expected {names(expected)}, got {names(in_guest & MODELLED_BITS)} "
         f"(BAL-DRV-FEAT-POISON/BAL-DRV-FEAT-REPORT, variant {variant.name})")
+
+
+@pytest.mark.req("BAL-DRV-FEAT-POISON", "BAL-DRV-FEAT-REPORT", "BAL-DEV-LEG-FEAT-1")
+def test_qemu_sees_the_negotiation_the_guest_made(shared_vm: Machine, variant: Variant, session: Session) -> None:
+    """QEMU's view (x-query-virtio-status): it offers what the variant's properties say and holds the features
+    the guest accepted."""
+    require_qmp_command(session.qemu, "x-query-virtio-status", "QEMU's view of the negotiated features")
+    in_guest = guest_balloon_features(shared_vm)
     status = parse_status(shared_vm.qmp.command("x-query-virtio-status", path=shared_vm.balloon_device_path()))
     assert status.host_features & MODELLED_BITS == variant.offered_features(), (
         f"QEMU host-features: expected {names(variant.offered_features())}, "
         f"got {names(status.host_features & MODELLED_BITS)} (variant {variant.name})")
     assert status.guest_features == in_guest, (
-        f"QEMU's guest-features {names(status.guest_features)} differ from the guest's sysfs "
+        f"BAL-DEV-LEG-FEAT-1: QEMU's guest-features {names(status.guest_features)} differ from the guest's sysfs "
         f"{names(in_guest)}: host and guest disagree on what was negotiated")
     assert "VIRTIO_CONFIG_S_DRIVER_OK" in status.status, (
         f"device status: expected DRIVER_OK set, got {status.status}")

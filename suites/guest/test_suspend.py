@@ -23,6 +23,7 @@ import pytest
 
 from fixtures.guest_vm import GuestPool, guest_of_its_own
 from fixtures.qtest_device import expect_conformance
+from fixtures.variant_gates import require_qmp_command
 from vballoon.guest.driver import LINUX_PAGE_POISON_VAL
 from vballoon.guest.health import kernel_trouble
 from vballoon.guest.procfs import read_guest_memory
@@ -130,6 +131,8 @@ def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> 
 
 
 def driver_status(vm: Machine) -> tuple[str, ...]:
+    """The device status QEMU holds for the balloon (x-query-virtio-status; the test skips without it)."""
+    require_qmp_command(vm.qemu, "x-query-virtio-status", "the device status QEMU holds across the driver's reload")
     assert vm.qmp is not None
     return parse_status(vm.qmp.command("x-query-virtio-status", path=vm.balloon_device_path())).status
 
