@@ -7,7 +7,8 @@ shows in /proc/vmstat (`pgfault` exists only with CONFIG_VM_EVENT_COUNTERS,
 `htlb_buddy_alloc_success` only with CONFIG_HUGETLB_PAGE). Sources read:
 Linux 6.1 and 6.12 (Debian 12's and 13's). A version between the two may or
 may not fill tags 10-15: both sets are allowed there, and every report of one
-driver must still carry the same set (BAL-DRV-ST-8).
+driver must still carry the same set (BAL-DRV-ST-8). A kernel older than 6.1
+is judged by 6.1's rules (tags 6-9 arrived before it; no older source was read).
 """
 
 from __future__ import annotations
