@@ -57,6 +57,9 @@ def test_ctrl_c_leaves_no_qemu_and_no_temp_dir(session: Session, tmp_path: Path)
         [sys.executable, "-m", "pytest", "suites/guest/test_boot.py", "--variant", "pci-modern",
          "-p", "no:cacheprovider", "-q", f"--basetemp={tmp_path / 'basetemp'}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        # A user's shell gives pytest the default SIGINT disposition; a run started in the background of a
+        # non-interactive shell (as CI scripts may) inherits SIG_IGN, which Python then keeps.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         qemu_pid, runtime_dir = wait_for(lambda: machine_qemu(run.pid), 120, "the run to start a guest's QEMU")
