@@ -13,8 +13,9 @@ HERE = Path(__file__).parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"{OOM_REPORT_MARK}: the test provokes a real OOM; the OOM killer's "
-                                       "report (with its Call Trace) is allowed in the guest's log, nothing else")
+    config.addinivalue_line("markers", f"{OOM_REPORT_MARK}: the test exhausts the guest's memory on purpose; the "
+                                       "kernel's reports of it (OOM killer, page allocation failure, with their Call "
+                                       "Trace) are allowed in the guest's log, nothing else")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

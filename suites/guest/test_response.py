@@ -33,6 +33,7 @@ SETTLE_DEADLINE_S = 180.0
 SSH_DEADLINE_S = 60.0
 
 
+@pytest.mark.oom_report_expected
 @pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OOM-2", "BAL-DRV-ACT-1")
 def test_driver_backs_off_when_the_guest_has_nothing_left(with_deflate_on_oom: Variant, fresh_vm: Machine) -> None:
     """Target 1 MiB: "Out of puff" lines stay within the rate limit, SSH answers, actual settles, and the balloon
