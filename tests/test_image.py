@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shutil
 import time
+import tomllib
+from importlib import resources
 from pathlib import Path
 
 import paramiko
@@ -14,6 +16,7 @@ import pytest
 
 from vballoon.errors import UsageError
 from vballoon.guest.image import (
+    RECIPE_DIR,
     GuestImage,
     build_image,
     bzimage_version,
@@ -38,6 +41,8 @@ DEPS = {
     ],
     "kernel/drivers/virtio/virtio_mem.ko": ["kernel/drivers/virtio/virtio.ko"],
 }
+RECIPE_FILES = {"init", "memhog.c", "rootfs/etc/group", "rootfs/etc/passwd", "rootfs/etc/shells"}
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def read_cpio(path: Path) -> dict[str, tuple[int, bytes]]:
@@ -65,6 +70,18 @@ def assert_loaded_after_dependencies(order: list[str], deps: dict[str, list[str]
 
 
 # ---------------------------------------------------------------- pure logic
+
+
+def test_the_recipe_is_package_data_a_wheel_carries() -> None:
+    recipe = resources.files("vballoon.guest").joinpath("recipe")
+    for name in RECIPE_FILES:
+        assert recipe.joinpath(name).is_file(), f"{name} is not a resource of vballoon.guest"
+    assert {str(p.relative_to(RECIPE_DIR)) for p in RECIPE_DIR.rglob("*") if p.is_file()} == RECIPE_FILES
+    patterns = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-data"]["vballoon"]
+    package = RECIPE_DIR.parents[1]
+    declared = {path for pattern in patterns for path in package.glob(pattern)}
+    missing = {name for name in RECIPE_FILES if RECIPE_DIR / name not in declared}
+    assert not missing, f"pyproject.toml's package-data leaves {sorted(missing)} out of the wheel"
 
 
 def test_load_order_puts_every_module_after_its_dependencies() -> None:

@@ -4,8 +4,9 @@ The image is assembled from Debian packages fetched with `apt-get download`:
 the kernel (`linux-image-cloud-amd64` by default), `busybox-static`,
 `dropbear-bin` with the libraries its loader names, the virtio modules the
 kernel's own `modules.dep` asks for, and the static guest helper `memhog`
-compiled from `fixtures/guest/memhog.c`. The guest's `/init` is
-`fixtures/guest/init`; `fixtures/guest/rootfs/` is copied in as is.
+compiled from `recipe/memhog.c`. The guest's `/init` is `recipe/init`;
+`recipe/rootfs/` is copied in as is (`recipe/` is package data beside this
+module, so an installed vballoon builds images without its source tree).
 
 Images are cached under a key derived from every input (package versions or
 file hashes, the recipe files, this module's source); a build writes to a
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vballoon.errors import UsageError, VballoonError
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "fixtures" / "guest"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipe"
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 USERLAND_PACKAGES = ("busybox-static", "dropbear-bin")
 # The drivers the guest needs; their dependencies come from modules.dep.
