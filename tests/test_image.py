@@ -5,6 +5,7 @@ The real builds use the default cache, so CI downloads and builds once.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import tomllib
@@ -144,7 +145,7 @@ def test_unknown_kernel_package_names_the_option(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def image() -> GuestImage:
-    return build_image(log=lambda line: None)
+    return build_image()
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +153,12 @@ def initramfs(image: GuestImage) -> dict[str, tuple[int, bytes]]:
     return read_cpio(image.initrd)
 
 
-def test_second_build_is_a_cache_hit(image: GuestImage) -> None:
-    lines: list[str] = []
+def test_second_build_is_a_cache_hit(image: GuestImage, caplog: pytest.LogCaptureFixture) -> None:
     start = time.monotonic()
-    again = build_image(log=lines.append)
+    with caplog.at_level(logging.INFO, logger="vballoon"):
+        again = build_image()
     assert again.cache_hit and again.key == image.key
-    assert lines == [f"cache hit {image.key}"]
+    assert caplog.messages == [f"cache hit {image.key}"]
     assert time.monotonic() - start < 5
 
 
@@ -198,7 +199,7 @@ def test_ssh_key_loads_in_paramiko(image: GuestImage, initramfs: dict[str, tuple
 
 def test_custom_kernel_without_modules_carries_none(image: GuestImage, tmp_path: Path) -> None:
     shutil.copyfile(image.kernel, tmp_path / "bzImage")
-    custom = build_image(kernel=tmp_path / "bzImage", log=lambda line: None)
+    custom = build_image(kernel=tmp_path / "bzImage")
     assert custom.modules == () and custom.kernel_config is None
     assert custom.kernel_version == image.kernel_version
 
@@ -209,6 +210,6 @@ def test_folder_of_modules_replaces_the_debian_ones(image: GuestImage, tmp_path:
     (tmp_path / "mods" / "virtio_balloon.ko").write_bytes(
         read_cpio(image.initrd)[f"lib/modules/{image.kernel_version}/{balloon}"][1]
     )
-    custom = build_image(modules=tmp_path / "mods", log=lambda line: None)
+    custom = build_image(modules=tmp_path / "mods")
     assert custom.modules[-1] == "extra/virtio_balloon.ko"
     assert balloon not in custom.modules
