@@ -8,6 +8,7 @@ with `@pytest.mark.req("BAL-...")`; unknown IDs stop collection.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -42,6 +43,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist keeps on one worker")
     # Ctrl-C and SIGTERM both unwind through fixture teardown, so QEMU is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # vballoon's INFO messages (image builds, the accelerator) reach pytest's log capture, shown with a failing
+    # test; with -s they are printed as they happen.
+    logging.getLogger("vballoon").setLevel(logging.INFO)
+    if config.getoption("capture") == "no":
+        logging.getLogger("vballoon").addHandler(logging.StreamHandler())
     # Resolved once here, so a bad --variant or --matrix is one line before collection, not a traceback.
     names: list[str] = config.getoption("--variant")
     try:

@@ -1,6 +1,8 @@
-"""The `vballoon` command's argument checks: bad counts are one usage line naming the option."""
+"""The `vballoon` command's errors: bad counts are one usage line naming the option, a user's error one line."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +25,14 @@ def test_a_count_below_one_is_a_usage_error_naming_the_option(args: list[str], o
         f"expected the last line to say what was wrong, got {err[-1]!r}")
     assert f"argument {option}:" in err[-1], f"expected the error to name {option}, got {err[-1]!r}"
     assert not any("Traceback" in line for line in err), f"expected no traceback, got {err}"
+
+
+def test_a_user_error_is_one_line_on_stderr_without_a_traceback(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    kernel = tmp_path / "bzImage"
+    status = main(["image", "build", "--kernel", str(kernel)])
+    out, err = capsys.readouterr()
+    assert status == 2, f"expected exit status 2, got {status}"
+    assert out == "", f"expected nothing on stdout, got {out!r}"
+    assert err == (f"vballoon: error: --kernel {kernel}: no such file; pass the path of a bzImage "
+                   "(arch/x86/boot/bzImage)\n"), f"expected one error line, got {err!r}"

@@ -5,8 +5,11 @@ The real builds use the default cache, so CI downloads and builds once.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+import tomllib
+from importlib import resources
 from pathlib import Path
 
 import paramiko
@@ -14,6 +17,7 @@ import pytest
 
 from vballoon.errors import UsageError
 from vballoon.guest.image import (
+    RECIPE_DIR,
     GuestImage,
     build_image,
     bzimage_version,
@@ -38,6 +42,8 @@ DEPS = {
     ],
     "kernel/drivers/virtio/virtio_mem.ko": ["kernel/drivers/virtio/virtio.ko"],
 }
+RECIPE_FILES = {"init", "memhog.c", "rootfs/etc/group", "rootfs/etc/passwd", "rootfs/etc/shells"}
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def read_cpio(path: Path) -> dict[str, tuple[int, bytes]]:
@@ -65,6 +71,18 @@ def assert_loaded_after_dependencies(order: list[str], deps: dict[str, list[str]
 
 
 # ---------------------------------------------------------------- pure logic
+
+
+def test_the_recipe_is_package_data_a_wheel_carries() -> None:
+    recipe = resources.files("vballoon.guest").joinpath("recipe")
+    for name in RECIPE_FILES:
+        assert recipe.joinpath(name).is_file(), f"{name} is not a resource of vballoon.guest"
+    assert {str(p.relative_to(RECIPE_DIR)) for p in RECIPE_DIR.rglob("*") if p.is_file()} == RECIPE_FILES
+    patterns = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-data"]["vballoon"]
+    package = RECIPE_DIR.parents[1]
+    declared = {path for pattern in patterns for path in package.glob(pattern)}
+    missing = {name for name in RECIPE_FILES if RECIPE_DIR / name not in declared}
+    assert not missing, f"pyproject.toml's package-data leaves {sorted(missing)} out of the wheel"
 
 
 def test_load_order_puts_every_module_after_its_dependencies() -> None:
@@ -127,7 +145,7 @@ def test_unknown_kernel_package_names_the_option(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def image() -> GuestImage:
-    return build_image(log=lambda line: None)
+    return build_image()
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +153,12 @@ def initramfs(image: GuestImage) -> dict[str, tuple[int, bytes]]:
     return read_cpio(image.initrd)
 
 
-def test_second_build_is_a_cache_hit(image: GuestImage) -> None:
-    lines: list[str] = []
+def test_second_build_is_a_cache_hit(image: GuestImage, caplog: pytest.LogCaptureFixture) -> None:
     start = time.monotonic()
-    again = build_image(log=lines.append)
+    with caplog.at_level(logging.INFO, logger="vballoon"):
+        again = build_image()
     assert again.cache_hit and again.key == image.key
-    assert lines == [f"cache hit {image.key}"]
+    assert caplog.messages == [f"cache hit {image.key}"]
     assert time.monotonic() - start < 5
 
 
@@ -181,7 +199,7 @@ def test_ssh_key_loads_in_paramiko(image: GuestImage, initramfs: dict[str, tuple
 
 def test_custom_kernel_without_modules_carries_none(image: GuestImage, tmp_path: Path) -> None:
     shutil.copyfile(image.kernel, tmp_path / "bzImage")
-    custom = build_image(kernel=tmp_path / "bzImage", log=lambda line: None)
+    custom = build_image(kernel=tmp_path / "bzImage")
     assert custom.modules == () and custom.kernel_config is None
     assert custom.kernel_version == image.kernel_version
 
@@ -192,6 +210,6 @@ def test_folder_of_modules_replaces_the_debian_ones(image: GuestImage, tmp_path:
     (tmp_path / "mods" / "virtio_balloon.ko").write_bytes(
         read_cpio(image.initrd)[f"lib/modules/{image.kernel_version}/{balloon}"][1]
     )
-    custom = build_image(modules=tmp_path / "mods", log=lambda line: None)
+    custom = build_image(modules=tmp_path / "mods")
     assert custom.modules[-1] == "extra/virtio_balloon.ko"
     assert balloon not in custom.modules

@@ -147,7 +147,7 @@ def test_a_failing_build_keeps_its_logs_and_leaves_no_entry(tmp_path: Path, call
     )
     upstream = tmp_path / "upstream"
     with pytest.raises(VballoonError) as error:
-        fetch_qemu(PrivateApt(upstream / "apt"), upstream, "1:0-fake", log=print, unpack=fake_source(configure))
+        fetch_qemu(PrivateApt(upstream / "apt"), upstream, "1:0-fake", unpack=fake_source(configure))
     failed = upstream / "failed-qemu-1_0-fake"
     assert str(error.value) == ("qemu 1:0-fake: build failed (exit 1): hw/virtio/virtio-balloon.c:1: error: "
                                 f"fake compiler refuses; log kept in {failed / 'build.log'}")
@@ -166,7 +166,7 @@ def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path) -> Non
 
     upstream = tmp_path / "upstream"
     with pytest.raises(KeyboardInterrupt):
-        fetch_qemu(PrivateApt(upstream / "apt"), upstream, "1:0-fake", log=print, unpack=interrupted)
+        fetch_qemu(PrivateApt(upstream / "apt"), upstream, "1:0-fake", unpack=interrupted)
     assert list(upstream.iterdir()) == [], "an interrupted build left files in the cache"
 
 

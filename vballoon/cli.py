@@ -1,14 +1,19 @@
 """The `vballoon` command: run the suites, build the guest image, report, benchmark, fuzz, reproduce.
 
 Errors a user can cause print one line (`vballoon: error: ...`) and exit 2;
-Ctrl-C stops every QEMU the command started and exits 130.
+Ctrl-C stops every QEMU the command started and exits 130. Progress messages
+of the `vballoon` loggers go to stderr as plain lines; stdout carries only a
+command's output.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from vballoon.errors import VballoonError
@@ -146,8 +151,7 @@ def _cmd_bench_qtest(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_upstream_fetch(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.upstream import fetch, format_options
 
-    entries = fetch(only=args.only, qemu_version=args.qemu_version, kernel_package=args.kernel_package,
-                    log=lambda line: print(line, file=sys.stderr))
+    entries = fetch(only=args.only, qemu_version=args.qemu_version, kernel_package=args.kernel_package)
     print(format_options(entries, args.format))
     return 0
 
@@ -243,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _progress_to_stderr() -> Iterator[None]:
+    """While a command runs, INFO messages of the `vballoon` loggers are printed to stderr as they are."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("vballoon")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -250,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # `vballoon run` is pytest: the plugin (conftest.py) shows the messages with the tests.
+    progress = contextlib.nullcontext() if args.command == "run" else _progress_to_stderr()
     try:
-        return int(args.handler(args, rest))
+        with progress:
+            return int(args.handler(args, rest))
     except VballoonError as error:
         print(f"vballoon: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ build each guest image once per run.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from vballoon.qemu.machine import QemuBinary
 
 REPORTS = Path("reports")
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Session:
@@ -28,7 +31,6 @@ class Session:
     kernel: Path | None = None
     modules: Path | None = None
     reports: Path = REPORTS
-    log: object = print
     _images: dict[str, GuestImage] = field(default_factory=dict)
     _accel: AccelChoice | None = None
 
@@ -49,12 +51,12 @@ class Session:
         package = "custom" if self.kernel else variant.kernel_package
         if package not in self._images:
             self._images[package] = build_image(
-                kernel_package=variant.kernel_package, kernel=self.kernel, modules=self.modules, log=self.log)
+                kernel_package=variant.kernel_package, kernel=self.kernel, modules=self.modules)
         return self._images[package]
 
     def accel(self, image: GuestImage) -> AccelChoice:
         """The accelerator, probed once per run."""
         if self._accel is None:
             self._accel = choose_accel(self.accel_request, self.qemu, image)
-            self.log(f"vballoon: accelerator {self._accel.accel}: {self._accel.reason}")  # type: ignore[operator]
+            logger.info(f"vballoon: accelerator {self._accel.accel}: {self._accel.reason}")
         return self._accel

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import shlex
@@ -62,7 +63,7 @@ PROBE_TIMEOUT = 60.0
 METADATA = "upstream.json"
 OPTION_ORDER = ("qemu", "kernel", "modules")
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,14 +180,14 @@ def _load(directory: Path, cache_hit: bool) -> Entry:
     return Entry(directory, metadata["package"], metadata["version"], cache_hit, options)
 
 
-def _entry(upstream: Path, name: str, make: Callable[[Path], None], log: Log) -> Entry:
+def _entry(upstream: Path, name: str, make: Callable[[Path], None]) -> Entry:
     """upstream/name from the cache, else made by `make(work)` in work/entry and renamed into place.
 
     work is a temporary folder in upstream, removed however `make` ends.
     """
     directory = upstream / name
     if _is_entry(directory):
-        log(f"cache hit {name}")
+        logger.info(f"cache hit {name}")
         return _load(directory, cache_hit=True)
     upstream.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=upstream, prefix=f".build-{name}-") as tmp:
@@ -198,7 +199,7 @@ def _entry(upstream: Path, name: str, make: Callable[[Path], None], log: Log) ->
         except OSError:
             if not _is_entry(directory):
                 raise
-    log(f"{name} is ready in {directory}")
+    logger.info(f"{name} is ready in {directory}")
     return _load(directory, cache_hit=False)
 
 
@@ -255,16 +256,16 @@ class BuildLogs:
                             f"log kept in {self.failed / f'{name}.log'}")
 
 
-def build_qemu(tree: Path, work: Path, logs: BuildLogs, log: Log) -> None:
+def build_qemu(tree: Path, work: Path, logs: BuildLogs) -> None:
     """Configure and build qemu-system-x86_64 in tree/build with meson from PyPI, move it to work/entry, check it."""
     venv = work / "venv"
     python = venv / "bin" / "python3"
     logs.step("venv", [sys.executable, "-m", "venv", str(venv)])
     logs.step("meson", [str(python), "-m", "pip", "install", MESON_REQUIREMENT])
-    log(f"configuring QEMU ({logs.folder / 'configure.log'})")
+    logger.info(f"configuring QEMU ({logs.folder / 'configure.log'})")
     logs.step("configure", [str(tree / "configure"), *CONFIGURE_OPTIONS, f"--python={python}"], cwd=tree)
     jobs = len(os.sched_getaffinity(0))
-    log(f"building {QEMU_BINARY} with ninja -j{jobs} ({logs.folder / 'build.log'})")
+    logger.info(f"building {QEMU_BINARY} with ninja -j{jobs} ({logs.folder / 'build.log'})")
     logs.step("build", ["ninja", "-C", str(tree / "build"), f"-j{jobs}", QEMU_BINARY])
     binary = work / "entry" / QEMU_BINARY
     shutil.move(tree / "build" / QEMU_BINARY, binary)
@@ -281,21 +282,21 @@ def check_qemu(binary: Path, logs: BuildLogs) -> None:
         logs.fail("check-trace", "no virtio_balloon_* trace events")
 
 
-def fetch_qemu(apt: PrivateApt, upstream: Path, version: str, log: Log, unpack: Unpack = unpack_source) -> Entry:
+def fetch_qemu(apt: PrivateApt, upstream: Path, version: str, unpack: Unpack = unpack_source) -> Entry:
     """The cached qemu-system-x86_64 of trixie's qemu at version, built unless cached."""
     name = entry_name(QEMU_SOURCE, version)
     failed = upstream / f"failed-{name}"
 
     def make(work: Path) -> None:
-        log(f"fetching {QEMU_SOURCE} {version} (source package, about 40 MB)")
+        logger.info(f"fetching {QEMU_SOURCE} {version} (source package, about 40 MB)")
         tree = unpack(apt, version, work)
         logs = BuildLogs(f"{QEMU_SOURCE} {version}", work / "entry" / "logs", failed)
         logs.folder.mkdir()
-        build_qemu(tree, work, logs, log)
+        build_qemu(tree, work, logs)
         write_metadata(work / "entry", QEMU_SOURCE, version, {"qemu": QEMU_BINARY})
         shutil.rmtree(failed, ignore_errors=True)
 
-    return _entry(upstream, name, make, log)
+    return _entry(upstream, name, make)
 
 
 # ---------------------------------------------------------------- kernel
@@ -319,29 +320,28 @@ def lay_out_kernel(deb: Path, work: Path, out: Path) -> str:
     return release
 
 
-def fetch_kernel(apt: PrivateApt, upstream: Path, package: str, version: str, cache_dir: Path, log: Log) -> Entry:
+def fetch_kernel(apt: PrivateApt, upstream: Path, package: str, version: str, cache_dir: Path) -> Entry:
     """The cached kernel and modules of a trixie linux-image package at version, fetched unless cached."""
 
     def make(work: Path) -> None:
-        log(f"fetching {package} {version}")
+        logger.info(f"fetching {package} {version}")
         apt.run(package, "apt-get", "download", f"{package}={version}", cwd=work)
         (deb,) = work.glob("*.deb")
         release = lay_out_kernel(deb, work, work / "entry")
         options = {"kernel": f"boot/vmlinuz-{release}", "modules": "modules"}
         image = build_image(kernel=work / "entry" / options["kernel"], modules=work / "entry" / "modules",
-                            cache_dir=cache_dir, log=log)
-        log(f"kernel {release} checked: guest image {image.key} loads {len(image.modules)} modules")
+                            cache_dir=cache_dir)
+        logger.info(f"kernel {release} checked: guest image {image.key} loads {len(image.modules)} modules")
         write_metadata(work / "entry", package, version, options)
 
-    return _entry(upstream, entry_name(package, version), make, log)
+    return _entry(upstream, entry_name(package, version), make)
 
 
 # ---------------------------------------------------------------- both
 
 
 def fetch(only: str | None = None, qemu_version: str | None = None,
-          kernel_package: str = DEFAULT_KERNEL_PACKAGE, cache_dir: Path | None = None,
-          log: Log = print) -> list[Entry]:
+          kernel_package: str = DEFAULT_KERNEL_PACKAGE, cache_dir: Path | None = None) -> list[Entry]:
     """Fetch trixie's QEMU and kernel (or `only` one) into cache_dir/upstream; return the QEMU entry first.
 
     APT's lists are updated to learn today's versions, except when the only
@@ -357,10 +357,10 @@ def fetch(only: str | None = None, qemu_version: str | None = None,
         apt.update(", ".join(asked))
     kernel = None
     if want_kernel:
-        kernel = fetch_kernel(apt, upstream, *kernel_candidate(apt, kernel_package), cache_dir, log)
+        kernel = fetch_kernel(apt, upstream, *kernel_candidate(apt, kernel_package), cache_dir)
     qemu = None
     if want_qemu:
-        qemu = fetch_qemu(apt, upstream, qemu_version or newest_source(apt, QEMU_SOURCE), log)
+        qemu = fetch_qemu(apt, upstream, qemu_version or newest_source(apt, QEMU_SOURCE))
     return [entry for entry in (qemu, kernel) if entry is not None]
 
 

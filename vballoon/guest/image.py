@@ -4,8 +4,9 @@ The image is assembled from Debian packages fetched with `apt-get download`:
 the kernel (`linux-image-cloud-amd64` by default), `busybox-static`,
 `dropbear-bin` with the libraries its loader names, the virtio modules the
 kernel's own `modules.dep` asks for, and the static guest helper `memhog`
-compiled from `fixtures/guest/memhog.c`. The guest's `/init` is
-`fixtures/guest/init`; `fixtures/guest/rootfs/` is copied in as is.
+compiled from `recipe/memhog.c`. The guest's `/init` is `recipe/init`;
+`recipe/rootfs/` is copied in as is (`recipe/` is package data beside this
+module, so an installed vballoon builds images without its source tree).
 
 Images are cached under a key derived from every input (package versions or
 file hashes, the recipe files, this module's source); a build writes to a
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import lzma
 import os
 import re
@@ -27,7 +29,7 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vballoon.errors import UsageError, VballoonError
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "fixtures" / "guest"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipe"
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 USERLAND_PACKAGES = ("busybox-static", "dropbear-bin")
 # The drivers the guest needs; their dependencies come from modules.dep.
@@ -53,7 +55,7 @@ BASE_CMDLINE = (
 HDRS_OFFSET = 0x202
 APT_LISTS = Path("/var/lib/apt/lists")
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,6 @@ def build_image(
     kernel: Path | None = None,
     modules: Path | None = None,
     cache_dir: Path | None = None,
-    log: Log = print,
 ) -> GuestImage:
     """Return the guest image for these inputs, building it unless cached.
 
@@ -109,23 +110,23 @@ def build_image(
     images = cache_dir / "images"
     image_dir = images / key
     if (image_dir / "image.json").is_file():
-        log(f"cache hit {key}")
+        logger.info(f"cache hit {key}")
         return _load_image(image_dir, cache_hit=True)
-    log(f"building guest image {key}")
-    debs = _download(packages, cache_dir / "debs", log)
+    logger.info(f"building guest image {key}")
+    debs = _download(packages, cache_dir / "debs")
     images.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=images, prefix=".build-") as tmp:
         work = Path(tmp)
         out = work / "image"
         out.mkdir()
-        _assemble(work, out, debs, kernel_deb, kernel, modules, key, log)
+        _assemble(work, out, debs, kernel_deb, kernel, modules, key)
         try:
             out.rename(image_dir)
         except OSError:
             if not (image_dir / "image.json").is_file():
                 raise
-            log(f"image {key} was built concurrently; using that one")
-    log(f"built guest image {key} in {image_dir}")
+            logger.info(f"image {key} was built concurrently; using that one")
+    logger.info(f"built guest image {key} in {image_dir}")
     return _load_image(image_dir, cache_hit=False)
 
 
@@ -276,12 +277,12 @@ def _deb_glob(name: str, version: str) -> str:
     return f"{name}_{version.replace(':', '%3a')}_*.deb"
 
 
-def _download(packages: dict[str, str], debs: Path, log: Log) -> dict[str, Path]:
+def _download(packages: dict[str, str], debs: Path) -> dict[str, Path]:
     """Fetch each package at its version into the deb cache; return the .deb paths."""
     debs.mkdir(parents=True, exist_ok=True)
     missing = [n for n, v in packages.items() if not any(debs.glob(_deb_glob(n, v)))]
     if missing:
-        log(f"downloading {' '.join(missing)}")
+        logger.info(f"downloading {' '.join(missing)}")
         with tempfile.TemporaryDirectory(dir=debs, prefix=".download-") as tmp:
             _run(
                 ["apt-get", "download", "-o", "APT::Sandbox::User=root",
@@ -522,17 +523,17 @@ def _install_dropbear(sysroot: _Sysroot, staging: Path, out: Path) -> None:
     (ssh_dir / "authorized_keys").chmod(0o600)
 
 
-def _install_modules(tree: tuple[Path, str] | None, staging: Path, log: Log) -> list[str]:
+def _install_modules(tree: tuple[Path, str] | None, staging: Path) -> list[str]:
     """Copy the root drivers and their dependencies in; return the load order."""
     if tree is None:
-        log("custom kernel without --modules: the virtio drivers must be built in; the image has no modules")
+        logger.info("custom kernel without --modules: the virtio drivers must be built in; the image has no modules")
         return []
     root, version = tree
     _run(["depmod", "-b", str(root), version])
     source = root / "lib" / "modules" / version
     builtin = _builtin_names(source)
     if builtin is None:
-        log(f"{version} has no modules.builtin: drivers missing from --modules are taken as built in")
+        logger.info(f"{version} has no modules.builtin: drivers missing from --modules are taken as built in")
         available = {_module_name(p) for p in read_modules_dep(source)}
         builtin = set(ROOT_DRIVERS) - available
     order = load_order(read_modules_dep(source), ROOT_DRIVERS, builtin)
@@ -597,7 +598,6 @@ def _assemble(
     kernel: Path | None,
     modules: Path | None,
     key: str,
-    log: Log,
 ) -> None:
     """Build bzImage, initrd.cpio, id_ed25519, kernel.config and image.json into out."""
     sysroot_dir = work / "sysroot"
@@ -620,8 +620,9 @@ def _assemble(
     if kernel is not None:
         config = _user_kernel_config(kernel, version)
         if config is None:
-            log(f"--kernel {kernel}: no config-{version} beside it and no .config in its build tree: expectations "
-                "that need the kernel's config (CONFIG_PAGE_POISONING for +pgpoison) assume Debian's")
+            logger.warning(f"--kernel {kernel}: no config-{version} beside it and no .config in its build tree: "
+                           "expectations that need the kernel's config (CONFIG_PAGE_POISONING for +pgpoison) "
+                           "assume Debian's")
         else:
             shutil.copyfile(config, out / "kernel.config")
     if tree is not None and tree[1] != version:
@@ -634,7 +635,7 @@ def _assemble(
         (staging / mount_point).mkdir(exist_ok=True)
     _install_busybox(sysroot, staging)
     _install_dropbear(sysroot, staging, out)
-    order = _install_modules(tree, staging, log)
+    order = _install_modules(tree, staging)
     compile_memhog(staging / "usr" / "bin" / "memhog")
     _write_guest_config(staging, version, order)
     write_cpio(staging, out / "initrd.cpio")
