@@ -14,13 +14,13 @@ one, on both sides. QEMU processes free page hints in an iothread: where the ref
 buffer, QEMU is given until its DEVICE_NEEDS_RESET shows (or its message stands alone, the bit being lost)
 before the next operation, which a working device would still process. Used entries are collected before
 each Negotiate/Reset and at the end (QEMU is waited for until it used as many; they are not judged), and QEMU
-is observed once, at the end, with as few round trips as
-possible: config fields, status, used rings of the queues the input touched, the pool pages a buffer names,
-QMP query-balloon and guest-stats when the input could change them (otherwise they are not compared), in one
-QMP batch with the restores of polling interval and target. `vballoon.scenario.judge.compare` judges the final
-observation; the value of every ReadConfig and the answer to every host request are compared one by one.
-The hypothesis differential observes QEMU after every operation instead (`vballoon.scenario.differential_run`,
-whose docstring lists what each of the two observes, side by side, and why they differ).
+is observed once, at the end, with as few round trips as possible: config fields, status, used rings of the
+queues the input touched, the pool pages a buffer names, QMP query-balloon and guest-stats when the input
+could change them (otherwise they are not compared), in one QMP batch with the restores of polling interval
+and target. `vballoon.scenario.judge.compare` judges the final observation; the value of every ReadConfig
+and the answer to every host request are compared one by one. The hypothesis differential observes QEMU after
+every operation instead (`vballoon.scenario.differential_run`, whose docstring lists what each of the two
+observes, side by side, and why they differ).
 
 A finding is a QEMU crash (exit by signal, assertion, segfault), a hang (a qtest deadline), a device error
 (virtio_error) where the reference has none, or an observation outside the reference's allowed outcomes.
