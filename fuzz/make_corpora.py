@@ -21,10 +21,10 @@ from vballoon.fuzz.targets import DIFFERENTIAL_VARIANT, TARGETS
 from vballoon.matrix import Variant
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
+from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation, ReadConfig, Reset,
+                                          Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig)
 from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, PFN_SHIFT, ConfigField, encode_cmd_id,
                            encode_pfns, encode_stats)
-from vballoon.transport import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation, ReadConfig, Reset, Scenario,
-                                SetPollingInterval, SetTarget, Stop, WriteConfig)
 
 FUZZ = Path(__file__).resolve().parent
 ALL_FEATURES = 0b111110

@@ -11,7 +11,8 @@ from pathlib import Path
 from vballoon.matrix import Variant
 from vballoon.session import Session
 from vballoon.spec import ConfigField, Feature, feature_mask
-from vballoon.transport import DifferentialRun, Negotiate, ReadConfig, WriteConfig
+from vballoon.scenario.differential_run import DifferentialRun
+from vballoon.scenario.operations import Negotiate, ReadConfig, WriteConfig
 
 REPLAY_TIMEOUT = 60.0
 

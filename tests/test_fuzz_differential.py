@@ -14,7 +14,6 @@ import pytest
 from vballoon.cli import main
 from vballoon.fuzz.differential import QemuDifferential
 from vballoon.fuzz.format import load
-from vballoon.transport import QemuTransport
 from vballoon.matrix import Variant
 from vballoon.spec import ConfigField
 from vballoon.fuzz.crashes import crash_files, read_sidecar
@@ -22,6 +21,7 @@ from vballoon.fuzz.harness import FUZZ_DIR
 from vballoon.qemu.machine import QemuBinary
 from vballoon.reference import device as reference_device
 from vballoon.reference.ram import PageOutcome
+from vballoon.scenario.qemu_executor import QemuExecutor
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +119,16 @@ def test_one_qemu_runs_every_seed_back_to_back_without_findings(tmp_path: Path, 
     first = ["hint-short-command-id-while-stopped", "poison-val-written-without-page-poison"]
     paths = [SEEDS / name for name in first] + sorted(p for p in SEEDS.iterdir() if p.name not in first)
     scenarios = [load(path) for path in paths]
-    with QemuDifferential(qemu, scenarios[0].variant, False, tmp_path, record=False) as executor:
-        findings = {path.name: executor.run(scenario) for path, scenario in zip(paths, scenarios, strict=True)}
-        assert executor.starts == 1
+    with QemuDifferential(qemu, scenarios[0].variant, False, tmp_path, record=False) as differential:
+        findings = {path.name: differential.run(scenario) for path, scenario in zip(paths, scenarios, strict=True)}
+        assert differential.starts == 1
     assert {name: finding.summary for name, finding in findings.items() if finding} == {}
 
 
 def test_batched_and_snapshot_reads_answer_as_single_reads(tmp_path: Path, qemu: QemuBinary) -> None:
-    with QemuTransport(qemu, Variant(), False, tmp_path) as transport:
-        driver, qtest = transport.balloon.driver, transport.machine.qtest
-        transport.balloon.start(poison_val=0x12345678)
+    with QemuExecutor(qemu, Variant(), False, tmp_path) as executor:
+        driver, qtest = executor.balloon.driver, executor.machine.qtest
+        executor.balloon.start(poison_val=0x12345678)
         qtest.write(0x900000, bytes(range(256)))
         single = [driver.status] + [driver.config_read(offset, 4) for offset in range(0, 16, 4)]
         trips = qtest.round_trips

@@ -16,7 +16,8 @@ from vballoon.fuzz.reference_run import run_reference
 from vballoon.fuzz.targets import TARGETS
 from vballoon.matrix import Variant
 from vballoon.reference.device import INFLATEQ, REPORTING_VQ, STATSQ
-from vballoon.transport import OPERATIONS, AddBuffer, Negotiate, ReadConfig, SetPollingInterval, Stop, WriteConfig
+from vballoon.scenario.operations import (OPERATIONS, AddBuffer, Negotiate, ReadConfig, SetPollingInterval, Stop,
+                                          WriteConfig)
 
 
 @settings(max_examples=300, deadline=None)

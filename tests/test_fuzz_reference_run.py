@@ -7,7 +7,7 @@ import pytest
 from vballoon.fuzz.reference_run import ReferenceFault, run_reference
 from vballoon.matrix import Variant
 from vballoon.reference.device import BalloonDevice
-from vballoon.transport import Negotiate, ReadConfig, Scenario, SetTarget
+from vballoon.scenario.operations import Negotiate, ReadConfig, Scenario, SetTarget
 
 SCENARIO = Scenario(Variant(), False, (Negotiate(0b10), SetTarget(16), ReadConfig(0, 4)))
 

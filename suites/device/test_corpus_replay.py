@@ -5,9 +5,9 @@ on a QEMU started for it and on the reference, comparing the final config space 
 `actual` against query-balloon and BALLOON_CHANGE: BAL-DRV-ACT-1, BAL-DEV-LEG-ACT), the used entries
 (BAL-LEG-USED), the pool pages after inflate, hint and report (BAL-DEV-OP-1, BAL-DEV-FPH-3, BAL-DEV-FPR-1,
 BAL-DEV-FPR-2), guest-stats (BAL-DEV-ST-1, BAL-DEV-ST-2, BAL-DEV-LEG-ST-FIRST) and device errors and status
-(BAL-DEV-LEG-FEAT-1, BAL-DEV-FPH-1). Those are the requirements `transport.compare` names, so they are the
-ones this replay checks. A crash file that still reproduces fails with its evidence; known deviations of
-this QEMU are excluded by name, as in the fuzzer.
+(BAL-DEV-LEG-FEAT-1, BAL-DEV-FPH-1). Those are the requirements `vballoon.scenario.judge.compare` names,
+so they are the ones this replay checks. A crash file that still reproduces fails with its evidence; known
+deviations of this QEMU are excluded by name, as in the fuzzer.
 """
 
 from __future__ import annotations

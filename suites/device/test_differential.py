@@ -5,7 +5,8 @@ A hypothesis state machine applies each generated operation to a fresh QEMU
 the reference's allowed outcomes; the failure shrinks and its message holds
 the standalone reproducer. A difference that a listed deviation explains is
 collected, ends that example (the two devices no longer agree on state) and
-turns the test into an expected failure naming the deviation.
+turns the test into an expected failure naming the deviation. What is observed of QEMU after each
+operation, against what the fuzzing differential observes once per input: `vballoon.scenario.differential_run`.
 
 One QEMU per example: starting one costs about 70 ms, while a device reset
 would not give a fresh device (guest-stats, last-update, the polling timer,
@@ -30,8 +31,9 @@ from vballoon.requirements import deviation_for
 from vballoon.session import Session
 from vballoon.spec import (BALLOON_FEATURES, CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature,
                            encode_cmd_id, encode_pfns, encode_stats, feature_mask, has_feature)
-from vballoon.transport import (POOL_PFNS, AddBuffer, Cont, DifferentialRun, FillPage, Negotiate, Operation,
-                                ReadConfig, Reset, SetPollingInterval, SetTarget, Stop, WriteConfig, scenario_to_json)
+from vballoon.scenario.differential_run import DifferentialRun
+from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation, ReadConfig, Reset,
+                                          SetPollingInterval, SetTarget, Stop, WriteConfig, scenario_to_json)
 
 DIFFERENTIAL_SETTINGS = settings(max_examples=25, stateful_step_count=15, deadline=None, derandomize=True,
                                  database=None, suppress_health_check=[HealthCheck.too_slow])

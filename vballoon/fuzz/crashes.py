@@ -1,4 +1,5 @@
-"""Saved findings: `fuzz/crashes/<target>/<kind>-<sha1>` holding the input, and a JSON sidecar beside it.
+"""Findings and where they are saved: `fuzz/crashes/<target>/<kind>-<sha1>` holding the input, and a JSON
+sidecar beside it.
 
 The input is the canonical encoding of the scenario that ran (`vballoon.fuzz.format`), so every crash
 file replays the same way whatever target found it. Files are written to a temporary name in the same
@@ -12,12 +13,31 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vballoon.errors import DecodeError
 
 SIDECAR_SUFFIX = ".json"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What an input made QEMU (or the reference) do wrong, with the evidence for a crash file's sidecar."""
+
+    kind: str
+    """crash, hang, device-error, difference, reference-exception or reference-invariant."""
+    summary: str
+    differences: tuple[str, ...] = ()
+    observed: dict[str, Any] = field(default_factory=dict)
+    allowed: dict[str, Any] = field(default_factory=dict)
+    stderr_tail: str = ""
+
+    @property
+    def signature(self) -> str:
+        """What makes two findings the same bug: the kind and the first difference's requirement and subject."""
+        return f"{self.kind}:{self.summary.split(': expected')[0]}"
 
 
 def crash_name(kind: str, data: bytes) -> str:

@@ -1,6 +1,6 @@
-"""The QEMU differential executor: inputs on one long-lived QEMU over qtest and on the reference device.
+"""The fuzzing differential: inputs on one long-lived QEMU over qtest and on the reference device.
 
-QEMU starts once per executor and stays up: between inputs the device is reset and everything a reset
+QEMU starts once per `QemuDifferential` and stays up: between inputs the device is reset and everything a reset
 leaves behind in QEMU 7.2 and 10.0 is put back by hand (a stopped VM, the polling interval, num_pages, actual, the
 pool pages; guest-stats cannot be cleared, so after an input that sent statistics both sides are "primed"
 with an empty report, see `_prime_stats_on_qemu`), and only what the input changed and did not leave as a
@@ -13,11 +13,14 @@ requests in a row go to QMP together. A Negotiate sets up only the queues the in
 one, on both sides. QEMU processes free page hints in an iothread: where the reference breaks on a hint
 buffer, QEMU is given until its DEVICE_NEEDS_RESET shows (or its message stands alone, the bit being lost)
 before the next operation, which a working device would still process. Used entries are collected before
-each Negotiate/Reset and at the end, and QEMU is observed once, at the end, with as few round trips as
-possible: config fields, status, used rings of the queues the input touched, the pool pages a buffer names,
-QMP query-balloon and guest-stats when the input could change them (otherwise they are not compared), in one
-QMP batch with the restores of polling interval and target. `transport.compare` judges the final
-observation; the value of every ReadConfig and the answer to every host request are compared one by one.
+each Negotiate/Reset and at the end (QEMU is waited for until it used as many; they are not judged), and QEMU
+is observed once, at the end, with as few round trips as possible: config fields, status, used rings of the
+queues the input touched, the pool pages a buffer names, QMP query-balloon and guest-stats when the input
+could change them (otherwise they are not compared), in one QMP batch with the restores of polling interval
+and target. `vballoon.scenario.judge.compare` judges the final observation; the value of every ReadConfig
+and the answer to every host request are compared one by one. The hypothesis differential observes QEMU after
+every operation instead (`vballoon.scenario.differential_run`, whose docstring lists what each of the two
+observes, side by side, and why they differ).
 
 A finding is a QEMU crash (exit by signal, assertion, segfault), a hang (a qtest deadline), a device error
 (virtio_error) where the reference has none, or an observation outside the reference's allowed outcomes.
@@ -38,6 +41,9 @@ from pathlib import Path
 from typing import Any, Collection, Sequence
 
 from vballoon.errors import QemuError
+from vballoon.fuzz.crashes import Finding
+from vballoon.fuzz.format import offered_balloon_features
+from vballoon.fuzz.reference_run import run_checked, step_reference
 from vballoon.matrix import Variant
 from vballoon.qemu.machine import QemuBinary, tail
 from vballoon.qemu.profile import qemu_profile
@@ -46,13 +52,14 @@ from vballoon.qemu.qtest_machine import CRASH_LINE, DEVICE_ERROR_LINE
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.requirements import deviation_for
+from vballoon.scenario.judge import Difference, compare
+from vballoon.scenario.observation import Answer, Observation
+from vballoon.scenario.operations import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, HostRequest,
+                                          Negotiate, Operation, ReadConfig, Reset, Scenario, SetPollingInterval,
+                                          SetTarget, Stop, WriteConfig, queues_used, touches_poison_val)
+from vballoon.scenario.qemu_executor import QemuExecutor
+from vballoon.scenario.reference_executor import ReferenceExecutor
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField, Status, decode_pfns
-from vballoon.transport import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, Difference, HostRequest,
-                                Negotiate, Observation, Operation, QemuTransport, ReadConfig, ReferenceTransport, Reset,
-                                Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, compare, queues_used,
-                                touches_poison_val)
-from vballoon.fuzz.format import offered_balloon_features
-from vballoon.fuzz.reference_run import run_checked, step_reference
 from vballoon.virtqueue import SplitLayout, VirtqueueError
 from vballoon.waiting import DeadlineExceeded, wait_for
 
@@ -73,24 +80,6 @@ STATS_PRIMING_BUFFER = bytes(1)
 """A stats buffer without a whole entry: every statistic unset, last-update set (QEMU 7.2 and 10.0, and the reference)."""
 
 
-@dataclass(frozen=True)
-class Finding:
-    """What an input made QEMU (or the reference) do wrong, with the evidence for a crash file's sidecar."""
-
-    kind: str
-    """crash, hang, device-error, difference, reference-exception or reference-invariant."""
-    summary: str
-    differences: tuple[str, ...] = ()
-    observed: dict[str, Any] = field(default_factory=dict)
-    allowed: dict[str, Any] = field(default_factory=dict)
-    stderr_tail: str = ""
-
-    @property
-    def signature(self) -> str:
-        """What makes two findings the same bug: the kind and the first difference's requirement and subject."""
-        return f"{self.kind}:{self.summary.split(': expected')[0]}"
-
-
 @dataclass
 class _Registers:
     """QEMU's device status, config space and pool pages at the end of an input."""
@@ -99,10 +88,10 @@ class _Registers:
     config: bytearray = field(default_factory=bytearray)
     pages: tuple[tuple[int, bytes], ...] = ()
 
-    def read_later(self, transport: QemuTransport) -> None:
+    def read_later(self, executor: QemuExecutor) -> None:
         """Queue the status and config reads in the qtest pipeline; they are filled in when it goes out."""
-        driver, qtest = transport.balloon.driver, transport.machine.qtest
-        words = range(0, transport.config_size, 4)
+        driver, qtest = executor.balloon.driver, executor.machine.qtest
+        words = range(0, executor.config_size, 4)
         self.config = bytearray(4 * len(words))
         qtest.read_later(lambda: driver.status, self._set_status)
         for offset in words:
@@ -120,7 +109,7 @@ class _Side:
     """What one input did on one side, collected as it runs."""
 
     used: list[tuple[str, int, int]] = field(default_factory=list)
-    answers: list[tuple[int | None, str | None]] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
 
 
 def _writes_actual(ops: tuple[Operation, ...]) -> bool:
@@ -181,8 +170,8 @@ class QemuDifferential:
         self.variant = variant
         self.legacy_interface = legacy_interface
         self.log_dir = log_dir
-        self.transport: QemuTransport | None = None
-        self.last_transport: QemuTransport | None = None
+        self.executor: QemuExecutor | None = None
+        self.last_executor: QemuExecutor | None = None
         """The QEMU used last, kept after it stops: its recording is the standalone reproducer."""
         self.starts = 0
         self._stderr_offset = 0
@@ -202,31 +191,31 @@ class QemuDifferential:
         self.close()
 
     def close(self) -> None:
-        if self.transport is not None:
-            transport, self.transport = self.transport, None
-            self.last_transport = transport
-            transport.__exit__(None, None, None)
+        if self.executor is not None:
+            executor, self.executor = self.executor, None
+            self.last_executor = executor
+            executor.__exit__(None, None, None)
 
     # --- QEMU's lifecycle ------------------------------------------------------------------
 
-    def _start(self) -> QemuTransport:
+    def _start(self) -> QemuExecutor:
         """A fresh QEMU; QemuError (one line, with QEMU's stderr) when it dies at start."""
-        transport = QemuTransport(self.qemu, self.variant, self.legacy_interface, self.log_dir, self.record)
-        transport.machine.qtest_timeout = QTEST_DEADLINE
-        transport.__enter__()
-        self.transport, self.last_transport, self.starts = transport, transport, self.starts + 1
+        executor = QemuExecutor(self.qemu, self.variant, self.legacy_interface, self.log_dir, self.record)
+        executor.machine.qtest_timeout = QTEST_DEADLINE
+        executor.__enter__()
+        self.executor, self.last_executor, self.starts = executor, executor, self.starts + 1
         self._stderr_offset = self._stderr_size()
         self._stats_primed = False
         self._restore = set()
-        return transport
+        return executor
 
     def _stderr_size(self) -> int:
-        stderr = self.transport.machine.logs.stderr if self.transport else None
+        stderr = self.executor.machine.logs.stderr if self.executor else None
         return stderr.stat().st_size if stderr is not None and stderr.exists() else 0
 
     def _new_stderr(self) -> str:
-        assert self.transport is not None
-        with self.transport.machine.logs.stderr.open("rb") as stderr:
+        assert self.executor is not None
+        with self.executor.machine.logs.stderr.open("rb") as stderr:
             stderr.seek(self._stderr_offset)
             return stderr.read().decode(errors="replace")
 
@@ -237,11 +226,11 @@ class QemuDifferential:
 
     # --- between inputs ----------------------------------------------------------------------
 
-    def _restore_device(self, transport: QemuTransport) -> None:
+    def _restore_device(self, executor: QemuExecutor) -> None:
         """Bring the long-lived QEMU back to what a fresh one shows (see the module docstring). Called within
         the input's pipeline: the qtest part goes out with the input's first requests."""
-        machine, driver = transport.machine, transport.balloon.driver
-        self._ask_then_restore(transport, [])  # what the last input's observation did not already restore
+        machine, driver = executor.machine, executor.balloon.driver
+        self._ask_then_restore(executor, [])  # what the last input's observation did not already restore
         driver.reset()
         driver.allocator.next = FIRST_FREE_RAM
         machine.qtest.memset(POOL_FIRST_PFN << PFN_SHIFT, POOL_PAGES * PAGE_SIZE, 0)
@@ -254,20 +243,20 @@ class QemuDifferential:
             machine.qtest.flush()
             machine.qmp.command("cont")
         if "stats" in self._restore:
-            self._prime_stats_on_qemu(transport)
+            self._prime_stats_on_qemu(executor)
             self._stats_primed = True
         machine.qmp.drop_events()
         self._restore = set()
         self._stderr_offset = self._stderr_size()
 
-    def _ask_then_restore(self, transport: QemuTransport, queries: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    def _ask_then_restore(self, executor: QemuExecutor, queries: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Send `queries` over QMP, then put the polling interval and the target back if the input changed them,
         all in one batch; the queries' results. QemuError if QEMU refused or did not answer."""
-        restores = [transport.qmp_command(op) for name, op in (("polling", SetPollingInterval(0)),
+        restores = [executor.qmp_command(op) for name, op in (("polling", SetPollingInterval(0)),
                                                                 ("target", SetTarget(0))) if name in self._restore]
         if not queries and not restores:
             return []
-        answers = transport.machine.qmp.try_commands(queries + restores)
+        answers = executor.machine.qmp.try_commands(queries + restores)
         for (name, _), (_, error) in zip(queries + restores, answers, strict=True):
             if error is not None:
                 raise QemuError(f"QMP {name}: {error}")
@@ -284,34 +273,34 @@ class QemuDifferential:
         return ([Negotiate(offered_balloon_features(self.variant))] + [AddBuffer(STATSQ, STATS_PRIMING_BUFFER)]
                 * buffers + [Reset()])
 
-    def _prime_stats_on_qemu(self, transport: QemuTransport) -> None:
+    def _prime_stats_on_qemu(self, executor: QemuExecutor) -> None:
         for op in self._priming():
-            transport.apply(op, (STATSQ,))
+            executor.apply(op, (STATSQ,))
             if isinstance(op, Reset):
-                transport.balloon.driver.reset()
-                transport.balloon.driver.allocator.next = FIRST_FREE_RAM
+                executor.balloon.driver.reset()
+                executor.balloon.driver.allocator.next = FIRST_FREE_RAM
 
     # --- one input -----------------------------------------------------------------------------
 
     def run(self, scenario: Scenario) -> Finding | None:
         """Run `scenario` on QEMU and the reference; the finding, or None when QEMU conforms."""
         if (scenario.variant, scenario.legacy_interface) != (self.variant, self.legacy_interface):
-            raise ValueError(f"scenario for {scenario.variant.name}, executor for {self.variant.name}")
-        transport = self.transport
-        fresh = transport is None
-        if transport is None:
-            transport = self._start()
-        with transport.machine.qtest.pipeline():  # round trips only for answers, and before QMP commands
+            raise ValueError(f"scenario for {scenario.variant.name}, differential for {self.variant.name}")
+        executor = self.executor
+        fresh = executor is None
+        if executor is None:
+            executor = self._start()
+        with executor.machine.qtest.pipeline():  # round trips only for answers, and before QMP commands
             if not fresh:
                 try:
-                    self._restore_device(transport)
+                    self._restore_device(executor)
                 except QemuError as error:
                     return self._lost(f"restoring the device between inputs: {error}")
-            return self._run(transport, scenario)
+            return self._run(executor, scenario)
 
-    def _run(self, transport: QemuTransport, scenario: Scenario) -> Finding | None:
+    def _run(self, executor: QemuExecutor, scenario: Scenario) -> Finding | None:
         self._error_line_seen = 0.0
-        reference = ReferenceTransport(self.variant, self.legacy_interface, transport.machine.ram_bytes,
+        reference = ReferenceExecutor(self.variant, self.legacy_interface, executor.machine.ram_bytes,
                                        qemu_profile(self.qemu).device_shape)
         if self._stats_primed:
             run_checked(reference, tuple(self._priming()))
@@ -323,35 +312,35 @@ class QemuDifferential:
             ops = scenario.operations
             for host, group in itertools.groupby(enumerate(ops), key=lambda item: isinstance(item[1], HOST_REQUESTS)):
                 if host:
-                    self._run_host_requests(transport, reference, [op for _, op in group], expected_side, got_side)
+                    self._run_host_requests(executor, reference, [op for _, op in group], expected_side, got_side)
                     continue
-                with transport.machine.qtest.pipeline():
+                with executor.machine.qtest.pipeline():
                     for position, op in group:
                         if isinstance(op, (Negotiate, Reset)):
-                            self._collect(transport, reference, touched, expected_side, got_side, used_deadline)
+                            self._collect(executor, reference, touched, expected_side, got_side, used_deadline)
                             touched = set()
                         errors_before = len(reference.device.errors)
                         queues = queues_used(ops, position + 1) if isinstance(op, Negotiate) else None
                         expected_side.answers.append(step_reference(reference, op, queues))
-                        self._apply_on_qemu(transport, op, got_side, queues)
+                        self._apply_on_qemu(executor, op, got_side, queues)
                         if isinstance(op, AddBuffer):
                             touched.add(op.queue)
                             if op.queue == FREE_PAGE_VQ and len(reference.device.errors) > errors_before:
-                                self._await_hint_error(transport)
+                                self._await_hint_error(executor)
                         self._note_restore(op)
-            registers = self._collect(transport, reference, touched, expected_side, got_side, used_deadline,
+            registers = self._collect(executor, reference, touched, expected_side, got_side, used_deadline,
                                       _pool_pages_named(ops))
             assert registers is not None
             self._keep_fresh_host_state(reference, ops, expected_side, got_side)
-            got = self._observe(transport, scenario, got_side, registers)
+            got = self._observe(executor, scenario, got_side, registers)
         except VirtqueueError as error:  # QEMU's used ring names a chain the driver never made available
             if _gives_away_driver_memory(scenario):
                 return None  # the input ballooned its own rings: QEMU zeroed them, as it may (BAL-DRV-OP-6)
             return Finding("difference", f"virtio used ring (2.7.8): {error}", (str(error),),
-                           stderr_tail=tail(transport.machine.logs.stderr, 20))
+                           stderr_tail=tail(executor.machine.logs.stderr, 20))
         except QtestExpectationFailed as error:  # QEMU is alive and refused what the reference accepts
             return Finding("difference", f"BAL-DEV-LEG-FEAT-1: {error}", (str(error),),
-                           stderr_tail=tail(transport.machine.logs.stderr, 20))
+                           stderr_tail=tail(executor.machine.logs.stderr, 20))
         except QemuError as error:
             return self._lost(str(error))
         expected = dataclasses.replace(reference.observe((None, None)), used=tuple(expected_side.used))
@@ -361,7 +350,7 @@ class QemuDifferential:
         got = self._unobserved_as_expected(scenario, got, expected)
         return self._judge(reference, expected, got, scenario, expected_side, got_side)
 
-    def _run_host_requests(self, transport: QemuTransport, reference: ReferenceTransport, ops: list[HostRequest],
+    def _run_host_requests(self, executor: QemuExecutor, reference: ReferenceExecutor, ops: list[HostRequest],
                            expected_side: _Side, got_side: _Side) -> None:
         """Host requests in a row: QEMU gets them over QMP together, up to a Cont after which the reference broke
         on a held hint buffer (QEMU then gets until its own error shows, see `_await_hint_error`)."""
@@ -372,30 +361,30 @@ class QemuDifferential:
             batch.append(op)
             self._note_restore(op)
             if isinstance(op, Cont) and len(reference.device.errors) > errors_before:
-                got_side.answers += transport.apply_host_requests(batch)
+                got_side.answers += executor.apply_host_requests(batch)
                 batch = []
-                self._await_hint_error(transport)
-        got_side.answers += transport.apply_host_requests(batch)
+                self._await_hint_error(executor)
+        got_side.answers += executor.apply_host_requests(batch)
 
-    def _await_hint_error(self, transport: QemuTransport) -> None:
+    def _await_hint_error(self, executor: QemuExecutor) -> None:
         """The reference broke on a hint buffer: let QEMU's iothread reach the same virtio_error before the next
         operation, which a working device would process (the main loop and the iothread race otherwise)."""
-        transport.machine.qtest.flush()
+        executor.machine.qtest.flush()
         try:
-            wait_for(lambda: self._shows_device_error(transport), USED_DEADLINE,
+            wait_for(lambda: self._shows_device_error(executor), USED_DEADLINE,
                      "QEMU's virtio_error for the hint buffer", interval=0.0005)
         except DeadlineExceeded:
             pass  # QEMU raised none: the comparison shows it
 
-    def _shows_device_error(self, transport: QemuTransport) -> bool:
+    def _shows_device_error(self, executor: QemuExecutor) -> bool:
         """Whether QEMU's device is in virtio_error now. On the modern interface its DEVICE_NEEDS_RESET bit says
         so (set after the message is printed): a register of this device, where stderr can hold a late line of
-        an earlier input's hint iothread. QEMU 7.2 and 10.0 can lose the bit (`transport.LOST_NEEDS_RESET`), so a message
+        an earlier input's hint iothread. QEMU 7.2 and 10.0 can lose the bit (`judge.LOST_NEEDS_RESET`), so a message
         of this input that no bit has followed for LOST_BIT_GRACE counts too. The legacy interface has no such
         bit, so stderr is read there."""
         if self.legacy_interface:
             return bool(DEVICE_ERROR_LINE.search(self._new_stderr()))
-        if transport.balloon.driver.status & Status.DEVICE_NEEDS_RESET:
+        if executor.balloon.driver.status & Status.DEVICE_NEEDS_RESET:
             return True
         if not DEVICE_ERROR_LINE.search(self._new_stderr()):
             return False
@@ -404,17 +393,17 @@ class QemuDifferential:
         return now - self._error_line_seen >= LOST_BIT_GRACE
 
     @staticmethod
-    def _apply_on_qemu(transport: QemuTransport, op: Operation, side: _Side,
+    def _apply_on_qemu(executor: QemuExecutor, op: Operation, side: _Side,
                        queues: Collection[str] | None) -> None:
-        """`transport.apply(op, queues)`, its answer noted in `side`; a config read rides the pipeline instead
+        """`executor.apply(op, queues)`, its answer noted in `side`; a config read rides the pipeline instead
         of costing a round trip, its answer filled in when the batch goes out."""
         if not isinstance(op, ReadConfig):
-            side.answers.append(transport.apply(op, queues))
+            side.answers.append(executor.apply(op, queues))
             return
         slot = len(side.answers)
         side.answers.append((None, None))
-        driver = transport.balloon.driver
-        transport.machine.qtest.read_later(lambda: driver.config_read(op.offset, op.width),
+        driver = executor.balloon.driver
+        executor.machine.qtest.read_later(lambda: driver.config_read(op.offset, op.width),
                                            lambda value: side.answers.__setitem__(slot, (value, None)))
 
     def _note_restore(self, op: Operation) -> None:
@@ -429,7 +418,7 @@ class QemuDifferential:
         elif isinstance(op, AddBuffer) and op.queue == STATSQ:
             self._restore.add("stats")
 
-    def _keep_fresh_host_state(self, reference: ReferenceTransport, ops: tuple[Operation, ...],
+    def _keep_fresh_host_state(self, reference: ReferenceExecutor, ops: tuple[Operation, ...],
                                expected_side: _Side, got_side: _Side) -> None:
         """Leave out the restores of host state the input left as a fresh QEMU has it: where QEMU accepted and
         refused the same host requests as the reference, its polling interval, target and run state are the
@@ -442,7 +431,7 @@ class QemuDifferential:
                  "running": reference.running}
         self._restore -= {name for name, is_fresh in fresh.items() if is_fresh}
 
-    def _collect(self, transport: QemuTransport, reference: ReferenceTransport, touched: set[str],
+    def _collect(self, executor: QemuExecutor, reference: ReferenceExecutor, touched: set[str],
                  expected_side: _Side, got_side: _Side, deadline: float,
                  pool_pages: Sequence[int] | None = None) -> _Registers | None:
         """Used entries of the touched queues on both sides; QEMU gets `deadline` seconds to match counts. With
@@ -451,8 +440,8 @@ class QemuDifferential:
         ref_entries = [(name, e.id, e.length) for name, queue in reference.driver.queues.items()
                        for e in queue.collect_used()]
         expected_side.used += ref_entries
-        queues = transport.balloon.driver.queues
-        names = transport.queue_names
+        queues = executor.balloon.driver.queues
+        names = executor.queue_names
         # QEMU holds free page hints while the VM is stopped (block_iothread): waiting for them is in vain
         wanted = {name: sum(1 for entry in ref_entries if entry[0] == name) for name in touched
                   if reference.running or name != FREE_PAGE_VQ}
@@ -462,13 +451,13 @@ class QemuDifferential:
         used_rings = [(layout.used, SplitLayout.used_bytes(layout.size)) for layout in layouts]
         registers = None if pool_pages is None else _Registers()
         pages = [(pfn << PFN_SHIFT, PAGE_SIZE) for pfn in pool_pages or ()]
-        qtest = transport.machine.qtest
+        qtest = executor.machine.qtest
 
         ranges = used_rings + pages
 
         def gather() -> bool:
             if registers is not None:
-                registers.read_later(transport)
+                registers.read_later(executor)
                 if not ranges:
                     qtest.flush()  # no memory to read: the register reads go out alone
             with qtest.snapshot(ranges):  # every touched used ring (and page) in one round trip
@@ -480,7 +469,7 @@ class QemuDifferential:
                     registers.pages = tuple((pfn, qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in pool_pages or ())
             # the iothread's virtio_error comes late, and not at all while the VM is stopped (QEMU holds hints)
             settled = not (FREE_PAGE_VQ in touched and reference.device.broken and reference.running) or \
-                self._shows_device_error(transport)
+                self._shows_device_error(executor)
             # after a device error QEMU uses nothing more, and the ledger does not compare used entries
             return settled and (reference.device.broken or all(sum(1 for entry in found if entry[0] == name) >= count
                                                                for name, count in wanted.items()))
@@ -492,10 +481,10 @@ class QemuDifferential:
         got_side.used += found
         return registers
 
-    def _observe(self, transport: QemuTransport, scenario: Scenario, side: _Side, registers: _Registers
+    def _observe(self, executor: QemuExecutor, scenario: Scenario, side: _Side, registers: _Registers
                  ) -> Observation:
         """QEMU's state at the end of the input: `registers` from the last collection, and QMP."""
-        machine = transport.machine
+        machine = executor.machine
         stderr = self._new_stderr()
         crash = tuple(m.group(0).strip() for m in CRASH_LINE.finditer(stderr))
         if crash or machine.process is None or machine.process.poll() is not None:
@@ -508,7 +497,7 @@ class QemuDifferential:
             queries.append(("query-balloon", {}))
         if ask_stats:
             queries.append(("qom-get", {"path": machine.balloon_qom_path(), "property": "guest-stats"}))
-        results = iter(self._ask_then_restore(transport, queries))
+        results = iter(self._ask_then_restore(executor, queries))
         if ask_balloon:
             query_balloon = int(next(results)["actual"])
         if ask_stats:
@@ -539,8 +528,8 @@ class QemuDifferential:
 
     def _lost(self, error: str) -> Finding:
         """QEMU died or stopped answering: a crash or a hang; the next input gets a fresh QEMU."""
-        assert self.transport is not None
-        machine = self.transport.machine
+        assert self.executor is not None
+        machine = self.executor.machine
         hang = "did not answer" in error and machine.process is not None and machine.process.poll() is None
         stderr_tail = tail(machine.logs.stderr, 20)
         evidence = [m.group(0).strip() for m in CRASH_LINE.finditer(self._new_stderr())]
@@ -548,7 +537,7 @@ class QemuDifferential:
         kind = "hang" if hang and not evidence else "crash"
         return Finding(kind, f"QEMU {kind}: {'; '.join(evidence) or error}", (error,), stderr_tail=stderr_tail)
 
-    def _judge(self, reference: ReferenceTransport, expected: Observation, got: Observation, scenario: Scenario,
+    def _judge(self, reference: ReferenceExecutor, expected: Observation, got: Observation, scenario: Scenario,
                expected_side: _Side, got_side: _Side) -> Finding | None:
         differences = compare(reference, expected, got)
         for number, (op, want, have) in enumerate(zip(scenario.operations, expected_side.answers, got_side.answers,
@@ -569,4 +558,4 @@ class QemuDifferential:
             return None
         kind = "device-error" if got.device_errors and not expected.device_errors else "difference"
         return Finding(kind, str(differences[0]), tuple(map(str, differences)), _fingerprint(got),
-                       _fingerprint(expected), tail(self.transport.machine.logs.stderr, 20) if self.transport else "")
+                       _fingerprint(expected), tail(self.executor.machine.logs.stderr, 20) if self.executor else "")

@@ -1,4 +1,4 @@
-"""The fuzz input format: a versioned, compact binary encoding of a `vballoon.transport.Scenario`.
+"""The fuzz input format: a versioned, compact binary encoding of a `vballoon.scenario.operations.Scenario`.
 
 Layout of version 2 (all integers little endian):
 
@@ -34,9 +34,9 @@ each to Negotiate and the host requests; buffers and config writes take the code
 A PFN selector is one byte: 0-7 a page of the scenario's pool, 0xff a raw u32 PFN follows, anything else
 an entry of `INTERESTING_PFNS`.
 
-`decode(data)` turns ANY byte string into a scenario both transports can run (so every libFuzzer mutation
+`decode(data)` turns ANY byte string into a scenario both executors can run (so every libFuzzer mutation
 means something): unknown versions and codes wrap around, missing bytes read as zero, and operations the
-transports cannot run are dropped (a buffer or a config write before Negotiate, a queue whose feature is
+executors cannot run are dropped (a buffer or a config write before Negotiate, a queue whose feature is
 not negotiated, more descriptors than a queue holds, device-writable pages outside RAM) and config accesses
 are aligned to their width. `load(path)` is the strict reader for saved files:
 a file of a newer version, with reserved bits set or truncated in an operation is refused with one line
@@ -52,10 +52,11 @@ from pathlib import Path
 from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, QUEUE_MAX_SIZES, REPORTING_VQ, STATSQ
+from vballoon.scenario.operations import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PAGES, POOL_PFNS, AddBuffer,
+                                          Cont, FillPage, HostRequest, Negotiate, Operation, ReadConfig, Reset, Scenario,
+                                          SetPollingInterval, SetTarget, Stop, WriteConfig)
+from vballoon.scenario.reference_executor import reference_properties
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
-from vballoon.transport import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PAGES, POOL_PFNS, AddBuffer, Cont, FillPage,
-                                HostRequest, Negotiate, Operation, ReadConfig, Reset, Scenario, SetPollingInterval,
-                                SetTarget, Stop, WriteConfig, reference_properties)
 
 VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -102,7 +103,7 @@ MIN_POLL_SECONDS = 60
 """Positive polling intervals below this become this: within one input the reference's clock stands still."""
 RAW_PFN = 0xFF
 RAM_PAGES = 128 << 8
-"""Pages of the 128 MiB guest the transports use."""
+"""Pages of the 128 MiB guest the executors use."""
 LOW_RAM_HOLE = (0xA0, 0x100)
 """PFNs 0xa0-0xff: VGA memory and the BIOS ROM, below 1 MiB."""
 INTERESTING_PFNS: tuple[int, ...] = (0, 1, 0xFF, 0x100, RAM_PAGES - 1, RAM_PAGES, 0xFFFFF, 0x80000000 | POOL_FIRST_PFN,
@@ -142,7 +143,7 @@ def device_from_byte(byte: int) -> tuple[Variant, bool]:
                    free_page_reporting=bool(byte & 16), page_poison=not byte & 32), legacy_interface
 
 
-# --- validity: what both transports can run -----------------------------------------
+# --- validity: what both executors can run ------------------------------------------
 
 
 def writable_page(pfn: int) -> bool:

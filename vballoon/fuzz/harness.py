@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from vballoon.fuzz.differential import Finding
-    from vballoon.transport import Scenario
+    from vballoon.fuzz.crashes import Finding
+    from vballoon.scenario.operations import Scenario
 
 FUZZ_DIR = Path(__file__).resolve().parents[2] / "fuzz"
 DEVICE, STATS, HINTING, SPEC = ("vballoon.reference.device", "vballoon.reference.stats", "vballoon.reference.hinting",
@@ -77,7 +77,7 @@ class FindingSink:
     def __call__(self, finding: Finding, scenario: Scenario, data: bytes) -> None:
         from vballoon.fuzz.crashes import save_crash
         from vballoon.fuzz.format import VERSION, encode
-        from vballoon.transport import scenario_to_json
+        from vballoon.scenario.operations import scenario_to_json
 
         if finding.signature in self.signatures:
             return
@@ -97,7 +97,7 @@ class FindingSink:
 
 def reference_input(target_name: str) -> Callable[[bytes], None]:
     """TestOneInput of a reference-only target."""
-    from vballoon.fuzz.differential import Finding
+    from vballoon.fuzz.crashes import Finding
     from vballoon.fuzz.reference_run import ReferenceFault, run_reference
     from vballoon.fuzz.targets import target_named
 
@@ -129,15 +129,15 @@ def differential_input(target_name: str) -> tuple[Callable[[bytes], None], Calla
     legacy = os.environ.get("VBALLOON_FUZZ_LEGACY") == "1"
     scenario_for = differential_scenario(device_byte(variant, legacy))
     log_dir = Path(tempfile.mkdtemp(prefix="vballoon-fuzz-qemu-"))
-    executor = QemuDifferential(qemu, variant, legacy, log_dir, record=False)
+    differential = QemuDifferential(qemu, variant, legacy, log_dir, record=False)
     sink = FindingSink(target_name, lambda: {"qemu_version": qemu.version_text, "qemu_path": str(qemu.path),
-                                             "qemu_command_line": executor.command_line(),
+                                             "qemu_command_line": differential.command_line(),
                                              "variant": variant.name, "legacy_interface": legacy})
 
     def one_input(data: bytes) -> None:
         scenario = scenario_for(data)
         try:
-            finding = executor.run(scenario)
+            finding = differential.run(scenario)
         except QemuError as error:  # QEMU did not start: nothing else can run
             print(f"vballoon: error: {error}", file=sys.stderr, flush=True)
             os._exit(2)
@@ -145,7 +145,7 @@ def differential_input(target_name: str) -> tuple[Callable[[bytes], None], Calla
             sink(finding, scenario, data)
 
     def cleanup() -> None:
-        executor.close()
+        differential.close()
         shutil.rmtree(log_dir, ignore_errors=True)
 
     return one_input, cleanup

@@ -14,7 +14,9 @@ import traceback
 from typing import Collection
 
 from vballoon.reference.invariants import check_device
-from vballoon.transport import FillPage, Negotiate, Operation, ReferenceTransport, Scenario, queues_used
+from vballoon.scenario.observation import Answer
+from vballoon.scenario.operations import FillPage, Negotiate, Operation, Scenario, queues_used
+from vballoon.scenario.reference_executor import ReferenceExecutor
 
 
 class ReferenceFault(Exception):
@@ -28,8 +30,8 @@ class ReferenceFault(Exception):
         self.detail = detail
 
 
-def step_reference(reference: ReferenceTransport, op: Operation,
-                   queues: Collection[str] | None = None) -> tuple[int | None, str | None]:
+def step_reference(reference: ReferenceExecutor, op: Operation,
+                   queues: Collection[str] | None = None) -> Answer:
     """Apply one operation (a Negotiate setting up `queues`, default all), then fire due timers while the
     machine runs (as QEMU's main loop does)."""
     result = reference.apply(op, queues)
@@ -38,7 +40,7 @@ def step_reference(reference: ReferenceTransport, op: Operation,
     return result
 
 
-def run_checked(reference: ReferenceTransport, operations: tuple[Operation, ...]) -> None:
+def run_checked(reference: ReferenceExecutor, operations: tuple[Operation, ...]) -> None:
     """Apply `operations` checking the contract after each (operations numbered from 1); a Negotiate sets up
     the queues used before the next Negotiate or Reset."""
     for index, op in enumerate(operations):
@@ -56,8 +58,8 @@ def run_checked(reference: ReferenceTransport, operations: tuple[Operation, ...]
             raise ReferenceFault("reference-invariant", index + 1, op, str(error) or "check_device failed") from None
 
 
-def run_reference(scenario: Scenario) -> ReferenceTransport:
+def run_reference(scenario: Scenario) -> ReferenceExecutor:
     """Run `scenario` on a new reference; `ReferenceFault` when its contract breaks."""
-    reference = ReferenceTransport(scenario.variant, scenario.legacy_interface)
+    reference = ReferenceExecutor(scenario.variant, scenario.legacy_interface)
     run_checked(reference, scenario.operations)
     return reference

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vballoon.errors import DecodeError
-from vballoon.fuzz.crashes import read_sidecar
-from vballoon.fuzz.differential import Finding, QemuDifferential
+from vballoon.fuzz.crashes import Finding, read_sidecar
+from vballoon.fuzz.differential import QemuDifferential
 from vballoon.fuzz.format import VERSION, load
 from vballoon.fuzz.reference_run import ReferenceFault, run_reference
 from vballoon.fuzz.targets import SCENARIO_FORMAT_TARGETS, TARGETS, Target
 from vballoon.qemu.machine import QemuBinary
-from vballoon.transport import Scenario
+from vballoon.scenario.operations import Scenario
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,10 @@ def replay_scenario(scenario: Scenario, on_qemu: bool, qemu: QemuBinary | None) 
         return None, ""
     assert qemu is not None, "a QEMU target needs a QEMU"
     with tempfile.TemporaryDirectory(prefix="vballoon-reproduce-") as logs:
-        with QemuDifferential(qemu, scenario.variant, scenario.legacy_interface, Path(logs)) as executor:
-            finding = executor.run(scenario)
-            transport = executor.last_transport
-            return finding, transport.reproducer(scenario) if transport is not None else ""
+        with QemuDifferential(qemu, scenario.variant, scenario.legacy_interface, Path(logs)) as differential:
+            finding = differential.run(scenario)
+            executor = differential.last_executor
+            return finding, executor.reproducer(scenario) if executor is not None else ""
 
 
 def replay(path: Path, qemu: QemuBinary | None) -> Replay:

@@ -15,10 +15,10 @@ from vballoon.fuzz.format import (VERSION, decode, device_byte, device_from_byte
                                   ScenarioState)
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
+from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, FillPage, Negotiate, Operation, ReadConfig, Reset,
+                                          Scenario, WriteConfig)
 from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature, decode_pfns, encode_cmd_id,
                            encode_pfns, encode_stats)
-from vballoon.transport import (POOL_PFNS, AddBuffer, FillPage, Negotiate, Operation, ReadConfig, Reset, Scenario,
-                                WriteConfig)
 
 HINT_DEVICE = 8
 REPORTING_DEVICE = 16
