@@ -31,6 +31,7 @@ from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, Union
 from vballoon.differences import describe_mapping_difference
 from vballoon.errors import DecodeError, QemuError, UsageError
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import polling_interval_command, target_command
 from vballoon.qemu.machine import QemuBinary
 from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
@@ -409,10 +410,9 @@ class QemuTransport:
     def qmp_command(self, op: HostRequest) -> tuple[str, dict[str, Any]]:
         """The QMP command (name, arguments) of a host request."""
         if isinstance(op, SetTarget):
-            return "balloon", {"value": self.machine.ram_bytes - op.pages_below_ram * PAGE_SIZE}
+            return target_command(self.machine.ram_bytes - op.pages_below_ram * PAGE_SIZE)
         if isinstance(op, SetPollingInterval):
-            return "qom-set", {"path": self.machine.balloon_qom_path(), "property": "guest-stats-polling-interval",
-                               "value": op.seconds}
+            return polling_interval_command(op.seconds)
         return type(op).__name__.lower(), {}
 
     def apply_host_requests(self, ops: Sequence[HostRequest]) -> list[tuple[int | None, str | None]]:
@@ -469,7 +469,7 @@ class QemuTransport:
             alive=True, status=balloon.driver.status,
             config=bytes(balloon.driver.config_read(i, 1) for i in range(self.config_size)),
             read_value=result[0], request_error=result[1], used=used,
-            query_balloon=int(machine.qmp.command("query-balloon")["actual"]),
+            query_balloon=machine.host_balloon.query_balloon(),
             guest_stats=tuple(sorted(stats["stats"].items())), stats_updated=bool(stats["last-update"]),
             events=tuple(self.events),
             pages=tuple((pfn, machine.qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in POOL_PFNS),

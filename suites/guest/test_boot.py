@@ -6,7 +6,7 @@ import pytest
 
 from vballoon.matrix import MODELLED_BITS, Variant
 from vballoon.qemu.machine import Machine
-from vballoon.qemu.virtio_status import parse_status, sysfs_feature_bits
+from vballoon.qemu.virtio_status import sysfs_feature_bits
 
 VIRTIO_ID_BALLOON = 5
 
@@ -30,7 +30,7 @@ def test_negotiated_features_match_oracle(shared_vm: Machine, variant: Variant) 
     assert in_guest & MODELLED_BITS == expected, (
         f"guest sysfs features: expected {names(expected)}, got {names(in_guest & MODELLED_BITS)} "
         f"(BAL-DRV-FEAT-POISON/BAL-DRV-FEAT-REPORT, variant {variant.name})")
-    status = parse_status(shared_vm.qmp.command("x-query-virtio-status", path=shared_vm.balloon_device_path()))
+    status = shared_vm.host_balloon.virtio_status()
     assert status.host_features & MODELLED_BITS == variant.offered_features(), (
         f"QEMU host-features: expected {names(variant.offered_features())}, "
         f"got {names(status.host_features & MODELLED_BITS)} (variant {variant.name})")
@@ -45,5 +45,5 @@ def test_negotiated_features_match_oracle(shared_vm: Machine, variant: Variant) 
 def test_balloon_starts_empty(shared_vm: Machine) -> None:
     """Before any target is set, query-balloon reports the whole guest RAM."""
     ram = shared_vm.memory_mib << 20
-    actual = shared_vm.query_balloon_bytes()
+    actual = shared_vm.host_balloon.query_balloon()
     assert actual == ram, f"query-balloon actual: expected {ram} (all RAM, balloon empty), got {actual}"
