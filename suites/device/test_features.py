@@ -27,10 +27,7 @@ def guest_features(machine: QtestMachine) -> int:
 def test_offered_features_follow_the_properties(balloon: QtestBalloon, device_variant: DeviceVariant) -> None:
     """QEMU offers what the variant's properties ask for, and never requires MUST_TELL_HOST."""
     offered = frozenset(bits(balloon.offered)) & MODELLED_BITS
-    if device_variant.legacy_interface:
-        expected = device_variant.variant.offered_features() - {Feature.VERSION_1, Feature.RING_PACKED}
-    else:
-        expected = device_variant.variant.offered_features()
+    expected = device_variant.variant.offered_features(device_variant.legacy_interface)
     assert offered == expected, f"offered bits: expected {sorted(expected)}, got {sorted(offered)}"
     assert not has_feature(balloon.offered, Feature.MUST_TELL_HOST), \
         "BAL-DEV-LEG-FEAT-1: QEMU must not make MUST_TELL_HOST a condition; it offered it"
