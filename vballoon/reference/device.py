@@ -73,7 +73,7 @@ _ACTUAL, _POISON_VAL = int(ConfigField.ACTUAL), int(ConfigField.POISON_VAL)
 _CONFIG_WIDTHS = (1, 2, 4)
 _ACTUAL_END = _ACTUAL + CONFIG_FIELD_SIZE
 LEGACY_FEATURE_BITS = (1 << 32) - 1
-"""What the legacy interface's one feature register holds (virtio 4.1.4.8)."""
+"""What the legacy virtio-pci layout shows of the device features: one 32-bit register."""
 
 
 @dataclass(frozen=True)
