@@ -8,8 +8,9 @@ import pytest
 
 from vballoon import matrix
 from vballoon.errors import UsageError
+from vballoon.fuzz.format import offered_balloon_features
 from vballoon.matrix import Variant
-from vballoon.spec import Feature
+from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask
 
 
 def test_every_full_variant_name_round_trips() -> None:
@@ -84,6 +85,25 @@ def test_offer_follows_properties_and_transport() -> None:
     assert {Feature.STATS_VQ, Feature.DEFLATE_ON_OOM, Feature.PAGE_POISON} <= offered
     assert Feature.VERSION_1 not in offered and Feature.INDIRECT_DESC not in offered
     assert Feature.INDIRECT_DESC not in Variant().accepted_features(), "Linux's balloon always clears INDIRECT_DESC"
+
+
+def test_legacy_interface_offers_neither_version_1_nor_bits_above_31() -> None:
+    packed = Variant(transport="transitional", packed=True)
+    assert {Feature.VERSION_1, Feature.RING_PACKED} <= packed.offered_features()
+    assert not {Feature.VERSION_1, Feature.RING_PACKED} & packed.offered_features(legacy_interface=True)
+
+
+def test_matrix_reference_and_fuzzer_agree_on_the_offer_of_every_variant() -> None:
+    """One model of QEMU's offer (the reference's DeviceProperties): the matrix's bits, the reference's mask and the
+    fuzzer's balloon bits are the same for every variant of the full tier, through each interface it has."""
+    negotiable = feature_mask(*BALLOON_FEATURES) & ~feature_mask(Feature.MUST_TELL_HOST)
+    for variant in matrix.tier("full"):
+        for legacy_interface in {variant.transport != "modern", variant.transport == "legacy"}:
+            properties = variant.reference_properties(legacy_interface)
+            assert feature_mask(*variant.offered_features(legacy_interface)) == properties.offered_features, \
+                f"{variant.name} (legacy interface {legacy_interface}): matrix and reference offers differ"
+        assert offered_balloon_features(variant) == feature_mask(*variant.offered_features()) & negotiable, \
+            f"{variant.name}: the fuzzer's offer differs from the matrix's"
 
 
 def test_device_properties_attach_iothread_for_hinting() -> None:

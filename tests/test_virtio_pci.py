@@ -13,17 +13,11 @@ from vballoon.qemu.virtio_pci import (BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_I
                                       PCI_SUBSYSTEM_ID, VIRTIO_VENDOR_ID, CfgType, GuestAllocator, ModernInterface, PciAddress,
                                       PciFunction,
                                       enumerate_bus, virtio_caps)
-from vballoon.qemu.virtio_status import parse_status
 from vballoon.spec import ConfigField, Feature, StatTag, Status, encode_stats, feature_mask, has_feature
 from vballoon.waiting import wait_for
 
 VIRTIO_ID_BALLOON = 5
 INTX_LINES = range(16, 24)  # the IOAPIC inputs PCI INTx is routed to on q35
-
-
-def virtio_status(machine: QtestMachine) -> dict:
-    (device,) = [d for d in machine.qmp.command("x-query-virtio") if d["name"] == "virtio-balloon"]
-    return machine.qmp.command("x-query-virtio-status", path=device["path"])
 
 
 @over(TRANSPORTS)
@@ -75,7 +69,7 @@ def test_negotiated_features_reach_the_device(balloon: QtestBalloon, qtest_machi
     assert has_feature(balloon.offered, Feature.VERSION_1) == (not legacy), f"offered {balloon.offered:#x}"
     wanted = feature_mask(Feature.STATS_VQ) | (0 if legacy else feature_mask(Feature.VERSION_1))
     assert balloon.driver.negotiate(wanted), f"FEATURES_OK refused; status {balloon.driver.status:#x}"
-    guest = parse_status(virtio_status(qtest_machine)).guest_features
+    guest = qtest_machine.host_balloon.virtio_status().guest_features
     assert guest == {Feature.STATS_VQ} | (set() if legacy else {Feature.VERSION_1}), f"QEMU holds {sorted(guest)}"
 
 
@@ -86,8 +80,8 @@ def test_inflate_is_acked_through_the_used_ring(balloon: QtestBalloon, qtest_mac
     pages = [balloon.new_page(0xAA) >> 12 for _ in range(3)]
     used = balloon.inflate(pages)
     assert used.length == 0
-    (device,) = [d for d in qtest_machine.qmp.command("x-query-virtio") if d["name"] == "virtio-balloon"]
-    queue = qtest_machine.qmp.command("x-query-virtio-queue-status", path=device["path"], queue=INFLATEQ)
+    queue = qtest_machine.qmp.command("x-query-virtio-queue-status", path=qtest_machine.host_balloon.virtio_path(),
+                                      queue=INFLATEQ)
     assert (queue["last-avail-idx"], queue["used-idx"]) == (1, 1), f"QEMU's view of the inflateq: {queue}"
 
 
@@ -106,7 +100,7 @@ def test_inflate_raises_intx_until_isr_is_read(balloon: QtestBalloon) -> None:
 @over(TRANSPORTS)
 def test_config_reads_every_width_after_qmp_balloon(balloon: QtestBalloon, qtest_machine: QtestMachine) -> None:
     balloon.start()
-    qtest_machine.qmp.command("balloon", value=qtest_machine.ram_bytes - (0x1234 << 12))
+    qtest_machine.host_balloon.set_target(qtest_machine.ram_bytes - (0x1234 << 12))
     num_pages = 0x1234
     driver = balloon.driver
     assert driver.config_read(ConfigField.NUM_PAGES, 4) == num_pages
@@ -164,5 +158,5 @@ def test_modern_common_config_counts_queues_and_config_changes(balloon: QtestBal
     assert interface.num_queues() == 3, "inflateq, deflateq and statsq without hinting or reporting"
     balloon.start()  # QEMU counts config changes only once DRIVER_OK is set
     generation = interface.config_generation()
-    qtest_machine.qmp.command("balloon", value=qtest_machine.ram_bytes // 2)
+    qtest_machine.host_balloon.set_target(qtest_machine.ram_bytes // 2)
     assert interface.config_generation() != generation, "a new num_pages must change config_generation"

@@ -1,9 +1,10 @@
 """Balloon variants: device properties, transport, rings, memory backend, guest boot options.
 
 A `Variant` is one point of the test matrix. It knows the QEMU device
-properties it stands for, the features QEMU will offer for them, and the
-features the Linux driver will accept (6.1 and 6.12 alike): that prediction is the oracle of
-the negotiation tests (BAL-DRV-FEAT-POISON, BAL-DRV-FEAT-REPORT).
+properties it stands for, the reference device standing for them (whose
+`DeviceProperties.offered_features` is the one model of what QEMU offers), and
+the features the Linux driver will accept (6.1 and 6.12 alike): that prediction
+is the oracle of the negotiation tests (BAL-DRV-FEAT-POISON, BAL-DRV-FEAT-REPORT).
 
 Names are readable and round-trip: `pci-modern+doom+fph+fpr-poison` is the
 modern-only PCI device with deflate-on-oom, free-page-hint and
@@ -19,21 +20,25 @@ from typing import Iterator
 from allpairspy import AllPairs
 
 from vballoon.errors import UsageError
-from vballoon.spec import Feature
+from vballoon.reference.device import DEFAULT_SHAPE, DeviceProperties, DeviceShape
+from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
 
 TRANSPORTS = ("modern", "transitional", "legacy")
 BACKENDS = ("anon", "shm", "memfd", "hugetlb")
 GUEST_BOOTS = ("plain", "iof", "pgpoison")
 
-# Transport bits the Linux virtio core keeps (vring_transport_features, 6.1; 6.12 adds NOTIFICATION_DATA and
-# ADMIN_VQ, which no variant setting controls).
+RING_SETTINGS = {"indirect_desc": Feature.INDIRECT_DESC, "event_idx": Feature.EVENT_IDX, "packed": Feature.RING_PACKED}
+"""The ring features a variant switches on or off, by setting (QEMU's virtio properties of the same names)."""
+MODELLED_BITS = frozenset(BALLOON_FEATURES) | {Feature.VERSION_1} | frozenset(RING_SETTINGS.values())
+"""The bits a variant's settings decide. QEMU offers further transport bits (NOTIFY_ON_EMPTY, ANY_LAYOUT,
+RING_RESET, ...) that no setting controls; comparisons restrict to these."""
+
+# The Linux driver's model: the bits it knows. Transport bits the virtio core keeps (vring_transport_features,
+# 6.1; 6.12 adds NOTIFICATION_DATA and ADMIN_VQ, which no variant setting controls), and the balloon bits
+# virtio_balloon's feature table lists (all six, 6.1 and 6.12).
 LINUX_TRANSPORT_BITS = frozenset({Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1, Feature.ACCESS_PLATFORM,
                                   Feature.RING_PACKED, Feature.IN_ORDER})
-LINUX_BALLOON_BITS = frozenset(range(Feature.MUST_TELL_HOST, Feature.REPORTING + 1))
-
-# The bits a variant's settings decide.
-MODELLED_BITS = LINUX_BALLOON_BITS | frozenset({Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1,
-                                                Feature.RING_PACKED})
+LINUX_BALLOON_BITS = frozenset(BALLOON_FEATURES)
 
 GENERIC_KERNEL_PACKAGE = "linux-image-amd64"
 CLOUD_KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -157,23 +162,22 @@ class Variant:
 
     # --- the negotiation oracle -----------------------------------------
 
-    def offered_features(self) -> frozenset[int]:
-        """The MODELLED_BITS QEMU offers (virtio_balloon_get_features, virtio-pci; the same in 7.2 and 10.0).
+    def reference_properties(self, legacy_interface: bool = False, ram_size: int = DeviceProperties.ram_size,
+                             shape: DeviceShape = DEFAULT_SHAPE) -> DeviceProperties:
+        """The reference device standing for QEMU's balloon of this variant, seen through its modern interface or
+        (`legacy_interface`, or a legacy-only variant) its legacy one; `shape` is what the QEMU under test chose
+        where the spec lets a device choose (`QemuProfile.device_shape`)."""
+        return DeviceProperties(
+            ram_size=ram_size, deflate_on_oom=self.deflate_on_oom, free_page_hint=self.free_page_hint,
+            free_page_reporting=self.free_page_reporting, page_poison=self.page_poison,
+            modern=self.transport != "legacy" and not legacy_interface, shape=shape,
+            ring_features=feature_mask(*(bit for setting, bit in RING_SETTINGS.items() if getattr(self, setting))))
 
-        QEMU offers further transport bits (NOTIFY_ON_EMPTY, ANY_LAYOUT, ...)
-        that no variant setting controls; comparisons restrict to MODELLED_BITS.
-        """
-        bits = {Feature.STATS_VQ}  # QEMU always offers STATS_VQ and never MUST_TELL_HOST
-        bits |= {Feature.DEFLATE_ON_OOM} if self.deflate_on_oom else set()
-        bits |= {Feature.FREE_PAGE_HINT} if self.free_page_hint else set()
-        bits |= {Feature.PAGE_POISON} if self.page_poison else set()
-        bits |= {Feature.REPORTING} if self.free_page_reporting else set()
-        bits |= {Feature.INDIRECT_DESC} if self.indirect_desc else set()
-        bits |= {Feature.EVENT_IDX} if self.event_idx else set()
-        bits |= {Feature.RING_PACKED} if self.packed else set()
-        if self.transport != "legacy":
-            bits.add(Feature.VERSION_1)
-        return frozenset(bits)
+    def offered_features(self, legacy_interface: bool = False) -> frozenset[int]:
+        """The MODELLED_BITS QEMU offers through one interface: the reference device's offer
+        (`DeviceProperties.offered_features`, QEMU's virtio_balloon_get_features), as bit numbers."""
+        offered = self.reference_properties(legacy_interface).offered_features
+        return frozenset(bit for bit in MODELLED_BITS if has_feature(offered, bit))
 
     def accepted_features(self) -> frozenset[int]:
         """What Linux's virtio_balloon accepts of the offered features (virtballoon_validate: the same in 6.1 and 6.12).

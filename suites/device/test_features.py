@@ -10,7 +10,6 @@ from fixtures.qtest_device import ALL_PROPERTIES, TRANSPORTS, DeviceVariant, ove
 from fixtures.variant_gates import require_qmp_command
 from vballoon.matrix import MODELLED_BITS
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
-from vballoon.qemu.virtio_status import parse_status
 from vballoon.spec import BALLOON_FEATURES, CONFIG_SIZE_FULL, Feature, config_size, feature_mask, has_feature
 
 UNOFFERED_EXTRAS = feature_mask(Feature.MUST_TELL_HOST, Feature.RING_PACKED)
@@ -23,9 +22,7 @@ def bits(mask: int) -> list[int]:
 def guest_features(machine: QtestMachine) -> int:
     """The features QEMU holds as negotiated (x-query-virtio-status; the test skips without it)."""
     require_qmp_command(machine.qemu, "x-query-virtio-status", "the features QEMU holds as negotiated")
-    (device,) = [d for d in machine.qmp.command("x-query-virtio") if d["name"] == "virtio-balloon"]
-    status = parse_status(machine.qmp.command("x-query-virtio-status", path=device["path"]))
-    return feature_mask(*status.guest_features)
+    return feature_mask(*machine.host_balloon.virtio_status().guest_features)
 
 
 @pytest.mark.req("BAL-DEV-LEG-FEAT-1")
@@ -33,10 +30,7 @@ def guest_features(machine: QtestMachine) -> int:
 def test_offered_features_follow_the_properties(balloon: QtestBalloon, device_variant: DeviceVariant) -> None:
     """QEMU offers what the variant's properties ask for, and never requires MUST_TELL_HOST."""
     offered = frozenset(bits(balloon.offered)) & MODELLED_BITS
-    if device_variant.legacy_interface:
-        expected = device_variant.variant.offered_features() - {Feature.VERSION_1, Feature.RING_PACKED}
-    else:
-        expected = device_variant.variant.offered_features()
+    expected = device_variant.variant.offered_features(device_variant.legacy_interface)
     assert offered == expected, f"offered bits: expected {sorted(expected)}, got {sorted(offered)}"
     assert not has_feature(balloon.offered, Feature.MUST_TELL_HOST), \
         "BAL-DEV-LEG-FEAT-1: QEMU must not make MUST_TELL_HOST a condition; it offered it"
@@ -48,7 +42,7 @@ def test_config_size_follows_the_offered_features(balloon: QtestBalloon, qtest_m
     """The config space is 8, 12 or 16 bytes by QEMU's rule (bytes past it read as all ones); fields are little endian."""
     expected_size = config_size(balloon.offered)
     num_pages = 0x0102
-    qtest_machine.qmp.command("balloon", value=qtest_machine.ram_bytes - (num_pages << 12))
+    qtest_machine.host_balloon.set_target(qtest_machine.ram_bytes - (num_pages << 12))
     raw = bytes(balloon.driver.config_read(i, 1) for i in range(CONFIG_SIZE_FULL + 4))
     assert raw[:4] == num_pages.to_bytes(4, "little"), \
         f"BAL-CFG-LEG-LE: num_pages {num_pages:#x} should read {num_pages.to_bytes(4, 'little').hex()}, got {raw[:4].hex()}"

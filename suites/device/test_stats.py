@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fixtures.qtest_device import TRANSPORTS, DeviceVariant, expect_conformance, over
+from vballoon.qemu.balloon import polling_interval_command
 from vballoon.qemu.qtest_machine import STATSQ, QtestBalloon, QtestMachine
 from vballoon.spec import STAT_UNSET, STATS, StatTag, encode_stats
 from vballoon.waiting import wait_for
@@ -43,8 +44,7 @@ def start_with_stats(balloon: QtestBalloon, qtest_machine: QtestMachine, legacy:
     balloon.start()
     if not legacy:
         return
-    qtest_machine.qmp.command("qom-set", path=qtest_machine.balloon_qom_path(),
-                              property="guest-stats-polling-interval", value=POLLING_INTERVAL_S)
+    qtest_machine.host_balloon.set_stats_polling_interval(POLLING_INTERVAL_S)
     balloon.exchange(STATSQ, [encode_stats([(StatTag.MEMFREE, 1)])], timeout=RETURN_TIMEOUT)
 
 
@@ -69,8 +69,7 @@ def test_a_later_buffer_replaces_every_value(balloon: QtestBalloon, qtest_machin
                                              device_variant: DeviceVariant) -> None:
     """Stats absent from the next buffer read as unset again; a duplicated tag takes its last value."""
     start_with_stats(balloon, qtest_machine, device_variant.legacy_interface)
-    qtest_machine.qmp.command("qom-set", path=qtest_machine.balloon_qom_path(),
-                              property="guest-stats-polling-interval", value=POLLING_INTERVAL_S)
+    qtest_machine.host_balloon.set_stats_polling_interval(POLLING_INTERVAL_S)
     reported = balloon.guest_stats()["stats"]
     first = [(StatTag.CACHES, 11), (StatTag.AVAIL, 12)]
     balloon.exchange(STATSQ, [encode_stats(first, balloon.driver.endian)], timeout=RETURN_TIMEOUT)
@@ -87,8 +86,8 @@ def test_legacy_first_buffer_values_are_ignored(balloon: QtestBalloon, qtest_mac
     balloon.start()
     balloon.post(STATSQ, [encode_stats([(StatTag.MEMFREE, 1234)], balloon.driver.endian)])
     # The buffer is parsed, if at all, when QEMU handles the notify; the queue's last-avail-idx shows that.
-    (device,) = [d for d in qtest_machine.qmp.command("x-query-virtio") if d["name"] == "virtio-balloon"]
-    wait_for(lambda: qtest_machine.qmp.command("x-query-virtio-queue-status", path=device["path"],
+    path = qtest_machine.host_balloon.virtio_path()
+    wait_for(lambda: qtest_machine.qmp.command("x-query-virtio-queue-status", path=path,
                                                queue=STATSQ)["last-avail-idx"] == 1,
              STATS_TIMEOUT, "QEMU to take the first stats buffer")
     got = balloon.guest_stats()
@@ -156,12 +155,10 @@ def test_polling_interval_values(qtest_machine: QtestMachine, seconds: int, refu
     """guest-stats-polling-interval: negative and above 2^32-1 refused (whatever the words), accepted values
     read back. (No requirement covers the host's polling; it is what makes the device use a stats buffer,
     after which the driver must refill, BAL-DRV-ST-3.)"""
-    path = qtest_machine.balloon_qom_path()
-    _, error = qtest_machine.qmp.try_command("qom-set", path=path, property="guest-stats-polling-interval",
-                                             value=seconds)
+    ((_, error),) = qtest_machine.qmp.try_commands([polling_interval_command(seconds)])
     assert bool(error) == refused, \
         f"interval {seconds}: expected {'a refusal' if refused else 'no error'}, got {error!r}"
-    shown = qtest_machine.qmp.command("qom-get", path=path, property="guest-stats-polling-interval")
+    shown = qtest_machine.host_balloon.stats_polling_interval()
     expected = 0 if refused else seconds
     assert shown == expected, f"interval {seconds}: expected {expected} to read back, got {shown}"
 
@@ -172,8 +169,7 @@ def test_polling_returns_the_held_buffer(balloon: QtestBalloon, qtest_machine: Q
     """Setting an interval starts the timer at once: the held buffer comes back for the driver to refill."""
     balloon.start()
     held = balloon.post(STATSQ, [encode_stats([(StatTag.MEMFREE, 1)])])
-    qtest_machine.qmp.command("qom-set", path=qtest_machine.balloon_qom_path(),
-                              property="guest-stats-polling-interval", value=POLLING_INTERVAL_S)
+    qtest_machine.host_balloon.set_stats_polling_interval(POLLING_INTERVAL_S)
     used = balloon.driver.wait_used(STATSQ, 1, RETURN_TIMEOUT)
     assert [u.id for u in used] == [held], f"BAL-DRV-ST-3: expected held buffer {held} back, got {used}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures.qtest_device import TRANSPORTS, DeviceVariant, expect_conformance, over
+from vballoon.qemu.balloon import target_command
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.spec import PAGE_SIZE, ConfigField
 
@@ -28,7 +29,7 @@ def test_qmp_balloon_sets_num_pages(balloon: QtestBalloon, qtest_machine: QtestM
     """num_pages = (RAM - target) >> 12, a target above RAM clamped to RAM; the device signals a config change."""
     balloon.start()
     balloon.driver.read_isr()
-    qtest_machine.qmp.command("balloon", value=qtest_machine.ram_bytes - below_ram)
+    qtest_machine.host_balloon.set_target(qtest_machine.ram_bytes - below_ram)
     got = balloon.config_field(ConfigField.NUM_PAGES)
     assert got == expected_pages, \
         f"BAL-CFG-LEG-LE: target RAM-{below_ram}: expected num_pages {expected_pages}, read {got}"
@@ -43,8 +44,8 @@ def test_qmp_balloon_refuses_non_positive_targets(balloon: QtestBalloon, qtest_m
     """QEMU refuses a target <= 0 and leaves num_pages alone. The refusal's meaning is checked, not its words:
     7.2 names the parameter 'target', 10.0 'value' (qmp_balloon's QERR_INVALID_PARAMETER_VALUE)."""
     balloon.start()
-    qtest_machine.qmp.command("balloon", value=qtest_machine.ram_bytes - 3 * PAGE_SIZE)
-    _, error = qtest_machine.qmp.try_command("balloon", value=target)
+    qtest_machine.host_balloon.set_target(qtest_machine.ram_bytes - 3 * PAGE_SIZE)
+    ((_, error),) = qtest_machine.qmp.try_commands([target_command(target)])
     assert error, f"BAL-CFG-LEG-LE: balloon target {target}: expected QEMU to refuse it, got no error"
     num_pages = balloon.config_field(ConfigField.NUM_PAGES)
     assert num_pages == 3, \
@@ -65,7 +66,7 @@ def test_actual_reaches_qmp_at_every_width(balloon: QtestBalloon, qtest_machine:
     event = qmp.wait_event("BALLOON_CHANGE", EVENT_TIMEOUT)
     assert event["data"]["actual"] == expected, \
         f"BAL-DRV-ACT-1: BALLOON_CHANGE after actual={actual:#x}: expected {expected}, got {event['data']}"
-    queried = qmp.command("query-balloon")["actual"]
+    queried = qtest_machine.host_balloon.query_balloon()
     assert queried == expected, f"query-balloon: expected {expected}, got {queried}"
 
 
@@ -76,12 +77,12 @@ def test_legacy_actual_is_used_only_after_its_last_byte(balloon: QtestBalloon, q
     """Written a byte at a time, `actual` should not reach QMP before its most significant byte."""
     balloon.start()
     full = 0x00000101
-    before = qtest_machine.qmp.command("query-balloon")["actual"]
+    before = qtest_machine.host_balloon.query_balloon()
     balloon.driver.config_write(ConfigField.ACTUAL, 1, full & 0xFF)
-    after_first_byte = qtest_machine.qmp.command("query-balloon")["actual"]
+    after_first_byte = qtest_machine.host_balloon.query_balloon()
     for index in range(1, 4):
         balloon.driver.config_write(ConfigField.ACTUAL + index, 1, full >> 8 * index & 0xFF)
-    final = qtest_machine.qmp.command("query-balloon")["actual"]
+    final = qtest_machine.host_balloon.query_balloon()
     assert final == qtest_machine.ram_bytes - full * PAGE_SIZE, f"after all four bytes query-balloon says {final}"
     expect_conformance(after_first_byte == before, "BAL-DEV-LEG-ACT", qtest_machine.qemu,
                        f"query-balloon moved from {before} to {after_first_byte} after the first of four bytes")

@@ -12,7 +12,7 @@ size, and Linux reports free blocks of pageblock order (2 MiB) or more,
 naturally aligned: on hugetlbfs each report covers whole host pages, so
 reporting frees host memory there too, where inflating does not.
 Host memory is QEMU's Rss plus its hugetlb pages from /proc/PID/smaps
-(vballoon.guest.host_memory): Rss counts shared and memfd pages QEMU maps.
+(vballoon.qemu.host_memory): Rss counts shared and memfd pages QEMU maps.
 
 Variants: pci-modern over the four backends (anon, shm, memfd, hugetlb), not
 the tier's variants: the backend is the only thing that changes how QEMU frees
@@ -30,13 +30,13 @@ import pytest
 
 from fixtures.guest_vm import GuestPool, guest_of_its_own
 from vballoon.guest.health import log_since
-from vballoon.guest.host_memory import qemu_memory_bytes
+from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog, start_hog
 from vballoon.guest.pfn_trace import TRACE_EVENTS, pfn_messages
 from vballoon.guest.procfs import read_guest_memory
-from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import BACKENDS, Variant
 from vballoon.qemu.hmp import hmp, trace_events_on
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.session import Session
 from vballoon.waiting import DeadlineExceeded, wait_for
@@ -105,7 +105,7 @@ def test_inflate_frees_host_memory_per_backend(backend_vm: Machine) -> None:
     before = qemu_memory_bytes(vm.pid)
     stderr_start = vm.logs.stderr.stat().st_size
     with trace_events_on(vm, *TRACE_EVENTS) as start:
-        set_target(vm, ram - INFLATE_MIB * MIB)
+        vm.host_balloon.reach_target(ram - INFLATE_MIB * MIB)
         ballooned = [m.gpa for m in pfn_messages(log_since(vm.logs.stderr, start))]
     step = max(1, len(ballooned) // SAMPLED_PAGES)
     sample = ballooned[::step][:SAMPLED_PAGES]
@@ -126,7 +126,7 @@ def test_inflate_frees_host_memory_per_backend(backend_vm: Machine) -> None:
     freed = before - qemu_memory_bytes(vm.pid)
     print(f"{vm.variant.backend}: host memory {before // MIB} MiB before, freed {freed // MIB} MiB by a "
           f"{INFLATE_MIB} MiB inflate")
-    set_target(vm, ram)
+    vm.host_balloon.reach_target(ram)
     available = read_guest_memory(vm.ssh).mem("MemAvailable")
     refill = f"--mib {min(available // MIB - 48, REFILL_MIB)} --seed 4 --file /dev/shm/refill"
     run_hog(vm.ssh, f"fill {refill}")

@@ -7,7 +7,7 @@ import pytest
 from fixtures.variant_gates import require_qmp_command
 from vballoon.matrix import MODELLED_BITS, Variant
 from vballoon.qemu.machine import Machine
-from vballoon.qemu.virtio_status import parse_status, sysfs_feature_bits
+from vballoon.qemu.virtio_status import sysfs_feature_bits
 from vballoon.session import Session
 
 VIRTIO_ID_BALLOON = 5
@@ -40,7 +40,7 @@ def test_qemu_sees_the_negotiation_the_guest_made(shared_vm: Machine, variant: V
     the guest accepted."""
     require_qmp_command(session.qemu, "x-query-virtio-status", "QEMU's view of the negotiated features")
     in_guest = guest_balloon_features(shared_vm)
-    status = parse_status(shared_vm.qmp.command("x-query-virtio-status", path=shared_vm.balloon_device_path()))
+    status = shared_vm.host_balloon.virtio_status()
     assert status.host_features & MODELLED_BITS == variant.offered_features(), (
         f"QEMU host-features: expected {names(variant.offered_features())}, "
         f"got {names(status.host_features & MODELLED_BITS)} (variant {variant.name})")
@@ -55,5 +55,5 @@ def test_qemu_sees_the_negotiation_the_guest_made(shared_vm: Machine, variant: V
 def test_balloon_starts_empty(shared_vm: Machine) -> None:
     """Before any target is set, query-balloon reports the whole guest RAM."""
     ram = shared_vm.memory_mib << 20
-    actual = shared_vm.query_balloon_bytes()
+    actual = shared_vm.host_balloon.query_balloon()
     assert actual == ram, f"query-balloon actual: expected {ram} (all RAM, balloon empty), got {actual}"

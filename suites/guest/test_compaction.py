@@ -19,13 +19,13 @@ import pytest
 
 from fixtures.variant_gates import baseline_only
 from vballoon.guest.health import log_since
-from vballoon.guest.host_memory import qemu_memory_bytes
+from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import start_hog
 from vballoon.guest.pfn_trace import TRACE_EVENTS, PfnMessage, inflate_queue, pfn_messages, replay
 from vballoon.guest.procfs import read_guest_memory
-from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import Variant
 from vballoon.qemu.hmp import trace_events_on
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.waiting import DeadlineExceeded, wait_for
 
@@ -62,7 +62,7 @@ def test_compaction_moves_balloon_pages_and_tells_the_host(baseline: Variant, sh
     fragment(vm)
     target = ram // 2
     with trace_events_on(vm, *TRACE_EVENTS) as start:
-        set_target(vm, target)
+        vm.host_balloon.reach_target(target)
         expected_pages = (ram - target) // 4096
 
         def traced_inflate() -> list[PfnMessage] | None:
@@ -102,7 +102,7 @@ def test_compaction_moves_balloon_pages_and_tells_the_host(baseline: Variant, sh
     assert not problems and len(balloon) == expected_pages, (
         f"BAL-DRV-OP-4/BAL-DRV-OP-7: expected each move to inflate a page outside the balloon and deflate one in "
         f"it, leaving {expected_pages} pages, got {len(balloon)} pages and {problems[:5]}")
-    actual = vm.query_balloon_bytes()
+    actual = vm.host_balloon.query_balloon()
     assert actual == target, f"BAL-DRV-ACT-1: expected actual {target} after compaction, got {actual}"
     counters = {k: after.vmstat[k] - before.vmstat[k] for k in ("balloon_inflate", "balloon_deflate")}
     assert counters == {"balloon_inflate": 0, "balloon_deflate": 0}, (
@@ -135,8 +135,8 @@ def guest_thp(baseline: Variant, shared_vm: Machine) -> Iterator[Machine]:
 def test_huge_pages_form_again_after_deflate(guest_thp: Machine) -> None:
     """After a balloon of 3/4 of RAM is deflated, the guest can back a new anonymous mapping with huge pages."""
     vm, ram = guest_thp, guest_thp.memory_mib * MIB
-    set_target(vm, ram // 4)
-    set_target(vm, ram)
+    vm.host_balloon.reach_target(ram // 4)
+    vm.host_balloon.reach_target(ram)
     vm.ssh.run("echo 1 > /proc/sys/vm/compact_memory", timeout=300)
     hog = start_hog(vm.ssh, f"fill --mib {THP_HOG_MIB} --hold-forever", "thp")
     hog.wait_line(rf"memhog: holding {THP_HOG_MIB} MiB", 120)

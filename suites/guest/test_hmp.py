@@ -16,9 +16,9 @@ import time
 import pytest
 
 from fixtures.variant_gates import baseline_only
-from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import Variant
 from vballoon.qemu.hmp import hmp
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 
 INFO_BALLOON = re.compile(r"^balloon: actual=(\d+)\s*$")
@@ -43,8 +43,8 @@ def test_info_balloon_agrees_with_query_balloon(baseline: Variant, shared_vm: Ma
     """At several sizes, `info balloon` prints query-balloon's actual in whole MiB."""
     vm, ram = shared_vm, shared_vm.memory_mib * MIB
     for target in (ram, ram * 3 // 4, ram // 2 + 3 * MIB, ram):
-        set_target(vm, target)
-        shown, actual = info_balloon_mib(vm), vm.query_balloon_bytes()
+        vm.host_balloon.reach_target(target)
+        shown, actual = info_balloon_mib(vm), vm.host_balloon.query_balloon()
         assert shown == actual >> 20, (
             f"BAL-DRV-ACT-1: target {target}: expected info balloon actual={actual >> 20} (query-balloon {actual} "
             f"bytes), got actual={shown}")
@@ -58,7 +58,7 @@ def test_info_balloon_answers_while_the_guest_cannot(baseline: Variant, shared_v
     assert vm.qmp is not None
     vm.qmp.command("stop")
     try:
-        vm.qmp.command("balloon", value=ram // 2)
+        vm.host_balloon.set_target(ram // 2)
         started = time.monotonic()
         shown = info_balloon_mib(vm)
         took = time.monotonic() - started
@@ -66,10 +66,10 @@ def test_info_balloon_answers_while_the_guest_cannot(baseline: Variant, shared_v
         assert took <= ANSWER_DEADLINE_S, (
             f"BAL-DRV-ACT-1: expected info balloon to answer within {ANSWER_DEADLINE_S} s while the VM is stopped, "
             f"took {took:.2f} s")
-        assert shown == ram >> 20 == vm.query_balloon_bytes() >> 20, (
+        assert shown == ram >> 20 == vm.host_balloon.query_balloon() >> 20, (
             f"BAL-DRV-ACT-1: VM stopped, target pending: expected both views at the old actual {ram >> 20} MiB, "
-            f"got info balloon {shown} MiB and query-balloon {vm.query_balloon_bytes() >> 20} MiB")
+            f"got info balloon {shown} MiB and query-balloon {vm.host_balloon.query_balloon() >> 20} MiB")
     finally:
         vm.qmp.command("cont")
-    set_target(vm, ram // 2)
+    vm.host_balloon.reach_target(ram // 2)
     assert info_balloon_mib(vm) == (ram // 2) >> 20, "BAL-DRV-ACT-1: after cont: info balloon lags query-balloon"

@@ -10,14 +10,14 @@ import pytest
 
 from fixtures.qtest_device import expect_conformance
 from vballoon.guest.health import log_since
-from vballoon.guest.host_memory import qemu_memory_bytes
+from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog, start_hog
 from vballoon.guest.procfs import read_guest_memory
-from vballoon.guest.target import MIB, PAGE, set_target, wait_actual_settles
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.session import Session
-from vballoon.spec import Feature
+from vballoon.spec import PAGE_SIZE, Feature
 from vballoon.waiting import wait_for
 
 FRACTIONS_OF_RAM = (3 / 4, 1 / 2, 5 / 8, 3 / 8, 1)  # evict, evict more, enlarge, evict, enlarge to full
@@ -55,13 +55,13 @@ def test_targets_reached_with_events_vmstat_and_memtotal(shared_vm: Machine, var
     shrinks by the balloon without DEFLATE_ON_OOM and stays put with it."""
     vm, ram = shared_vm, ram_bytes(shared_vm)
     for fraction in FRACTIONS_OF_RAM:
-        target = int(ram * fraction) // PAGE * PAGE
-        before_actual, before = vm.query_balloon_bytes(), read_guest_memory(vm.ssh)
+        target = int(ram * fraction) // PAGE_SIZE * PAGE_SIZE
+        before_actual, before = vm.host_balloon.query_balloon(), read_guest_memory(vm.ssh)
         vm.qmp.take_events("BALLOON_CHANGE")
-        set_target(vm, target)
+        vm.host_balloon.reach_target(target)
         vm.qmp.wait_event("BALLOON_CHANGE", EVENT_DEADLINE_S, lambda e, wanted=target: e["data"]["actual"] == wanted)
         after = read_guest_memory(vm.ssh)
-        pages = (before_actual - target) // PAGE
+        pages = (before_actual - target) // PAGE_SIZE
         inflated = after.vmstat["balloon_inflate"] - before.vmstat["balloon_inflate"]
         deflated = after.vmstat["balloon_deflate"] - before.vmstat["balloon_deflate"]
         assert (inflated, deflated) == (max(pages, 0), max(-pages, 0)), (
@@ -78,10 +78,10 @@ def test_targets_reached_with_events_vmstat_and_memtotal(shared_vm: Machine, var
 def test_target_above_ram_is_clamped(shared_vm: Machine) -> None:
     """A target above guest RAM empties the balloon: actual is all of RAM, never more."""
     vm, ram = shared_vm, ram_bytes(shared_vm)
-    set_target(vm, ram // 2)
-    vm.qmp.command("balloon", value=2 * ram)
-    wait_for(lambda: vm.query_balloon_bytes() == ram, 30, "actual to return to all of RAM")
-    settled = wait_actual_settles(vm, quiet_s=1.0, timeout=30)
+    vm.host_balloon.reach_target(ram // 2)
+    vm.host_balloon.set_target(2 * ram)
+    wait_for(lambda: vm.host_balloon.query_balloon() == ram, 30, "actual to return to all of RAM")
+    settled = vm.host_balloon.wait_settled(quiet_s=1.0, timeout=30)
     assert settled == ram, f"BAL-DRV-OP-2: target {2 * ram} above RAM: expected actual {ram}, got {settled}"
 
 
@@ -94,7 +94,7 @@ def test_random_walk_of_resizes(shared_vm: Machine, variant: Variant) -> None:
     for step in range(RANDOM_WALK_STEPS):
         target = walk.randrange(ram // 2, ram + 1, MIB)
         try:
-            set_target(vm, target)
+            vm.host_balloon.reach_target(target)
         except AssertionError as error:
             raise AssertionError(f"random walk seed {seed}, step {step}: {error}") from None
 
@@ -112,7 +112,7 @@ def test_inflate_returns_dirtied_memory_to_the_host(small_host_pages: Variant, s
     run_hog(vm.ssh, f"fill --mib {available // MIB - 48}")
     inflate = ram // 2
     rss_before = qemu_memory_bytes(vm.pid)
-    set_target(vm, ram - inflate)
+    vm.host_balloon.reach_target(ram - inflate)
     wanted = rss_before - int(RSS_FALL_FRACTION * inflate)
     wait_for(lambda: qemu_memory_bytes(vm.pid) <= wanted, RSS_DEADLINE_S,
              f"QEMU RSS to fall from {rss_before} to at most {wanted} after a {inflate}-byte inflate "
@@ -127,7 +127,7 @@ def test_resizes_while_memhog_holds_a_pattern(shared_vm: Machine) -> None:
     hog = start_hog(vm.ssh, "fill --mib 64 --seed 11 --hold-forever", "resize")
     hog.wait_line(r"memhog: holding 64 MiB", 60)
     for fraction in (1 / 2, 3 / 4, 3 / 8, 1):
-        set_target(vm, int(ram * fraction) // PAGE * PAGE)
+        vm.host_balloon.reach_target(int(ram * fraction) // PAGE_SIZE * PAGE_SIZE)
         verdict = hog.verify_now(60)
         assert verdict.endswith(" ok"), (
             f"BAL-DRV-OP-6: after resizing to {fraction:.3f} of RAM: expected memhog's pattern intact, got {verdict!r}")
@@ -142,11 +142,11 @@ def test_target_below_what_the_guest_can_give(with_deflate_on_oom: Variant, shar
     OOM killer has no victim left and panics "System is deadlocked on memory", so those variants skip.
     """
     vm, ram = shared_vm, ram_bytes(shared_vm)
-    vm.qmp.command("balloon", value=MIB)
-    held = ram - wait_actual_settles(vm, quiet_s=3.0, timeout=180)
+    vm.host_balloon.set_target(MIB)
+    held = ram - vm.host_balloon.wait_settled(quiet_s=3.0, timeout=180)
     assert held > ram // 2, f"BAL-DRV-OP-1: target 1 MiB: expected the guest to give most of its RAM, got {held}"
     vm.ssh.run("true", timeout=60)
-    set_target(vm, ram, timeout=120)
+    vm.host_balloon.reach_target(ram, timeout=120)
     vm.ssh.run("true", timeout=60)
 
 
@@ -156,7 +156,7 @@ def test_legacy_actual_written_in_one_access(legacy_variant: Variant, shared_vm:
     vm, ram = shared_vm, ram_bytes(shared_vm)
     start = vm.logs.stderr.stat().st_size
     target = ram - 300 * MIB  # actual crosses 0xff00 -> 0x10000 pages: a carry into the third byte
-    set_target(vm, target)
+    vm.host_balloon.reach_target(target)
     values = [int(m[1]) for m in SET_CONFIG.finditer(log_since(vm.logs.stderr, start))]
     backwards = [(a, b) for a, b in zip(values, values[1:], strict=False) if b < a]
     expect_conformance(not backwards, "BAL-DRV-LEG-ACT", session.qemu,

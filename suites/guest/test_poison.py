@@ -6,8 +6,8 @@ import pytest
 
 from vballoon.guest.driver import LINUX_PAGE_POISON_VAL, first_driver_ok, poison_val_written, trace_probe_writes
 from vballoon.guest.memhog import run_hog
-from vballoon.guest.target import MIB, set_target
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.spec import Feature
 
@@ -45,8 +45,8 @@ def test_memory_integrity_across_balloon_cycles(shared_vm: Machine) -> None:
     vm, ram = shared_vm, shared_vm.memory_mib * MIB
     run_hog(vm.ssh, f"fill {PATTERN}")
     for cycle in range(CYCLES):
-        set_target(vm, ram // 2)
-        set_target(vm, ram)
+        vm.host_balloon.reach_target(ram // 2)
+        vm.host_balloon.reach_target(ram)
         run_hog(vm.ssh, "alloc --mib 128 --step-mib 32")  # reuse the deflated pages
         verdict = run_hog(vm.ssh, f"verify {PATTERN}")
         assert verdict.strip().endswith(" ok"), f"BAL-DRV-OP-6: cycle {cycle}: expected pattern intact, got {verdict!r}"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from vballoon.guest.host_memory import qemu_memory_bytes
+from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog
 from vballoon.guest.procfs import read_guest_memory
-from vballoon.guest.target import MIB
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.spec import Feature
 from vballoon.waiting import DeadlineExceeded, wait_for

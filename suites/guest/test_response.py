@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from vballoon.guest.target import MIB, set_target, wait_actual_settles
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 
 OUT_OF_PUFF = "Out of puff"
@@ -40,8 +40,8 @@ def test_driver_backs_off_when_the_guest_has_nothing_left(with_deflate_on_oom: V
     empties again on request."""
     vm, ram = fresh_vm, fresh_vm.memory_mib * MIB
     started = time.monotonic()
-    vm.qmp.command("balloon", value=MIB)
-    settled = wait_actual_settles(vm, quiet_s=3.0, timeout=SETTLE_DEADLINE_S)
+    vm.host_balloon.set_target(MIB)
+    settled = vm.host_balloon.wait_settled(quiet_s=3.0, timeout=SETTLE_DEADLINE_S)
     vm.ssh.run("true", timeout=SSH_DEADLINE_S)
     dmesg = vm.ssh.output("dmesg", timeout=SSH_DEADLINE_S)
     elapsed = time.monotonic() - started
@@ -53,5 +53,5 @@ def test_driver_backs_off_when_the_guest_has_nothing_left(with_deflate_on_oom: V
     assert puffs <= allowed, (
         f"BAL-DRV-OP-1: expected at most {allowed} 'Out of puff' lines in {elapsed:.0f} s (dev_info_ratelimited, "
         f"{RATELIMIT_BURST} per {RATELIMIT_INTERVAL_S:g} s), got {puffs}")
-    set_target(vm, ram, timeout=120)
+    vm.host_balloon.reach_target(ram, timeout=120)
     vm.ssh.run("true", timeout=SSH_DEADLINE_S)

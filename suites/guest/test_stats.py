@@ -10,7 +10,7 @@ import pytest
 from vballoon.guest.driver import reload_driver
 from vballoon.guest.linux_stats import DriverStats
 from vballoon.guest.procfs import GuestMemory, read_guest_memory
-from vballoon.guest.stats import StatsReport, set_polling_interval, wait_report_after
+from vballoon.qemu.balloon import StatsReport
 from vballoon.qemu.machine import Machine
 from vballoon.waiting import wait_for
 
@@ -34,10 +34,11 @@ def driver_stats(vm: Machine, memory: GuestMemory) -> DriverStats:
 
 
 def collect_reports(vm: Machine, count: int) -> list[StatsReport]:
-    reports = [wait_report_after(vm, int(time.time()), REPORT_DEADLINE_S, "a first stats report (BAL-DRV-ST-2)")]
+    balloon = vm.host_balloon
+    reports = [balloon.wait_report_after(int(time.time()), REPORT_DEADLINE_S, "a first stats report (BAL-DRV-ST-2)")]
     while len(reports) < count:
-        reports.append(wait_report_after(vm, reports[-1].last_update, REPORT_DEADLINE_S,
-                                         "the next stats report (BAL-DRV-ST-3)"))
+        reports.append(balloon.wait_report_after(reports[-1].last_update, REPORT_DEADLINE_S,
+                                                 "the next stats report (BAL-DRV-ST-3)"))
     return reports
 
 
@@ -49,8 +50,8 @@ def fresh_report_between(vm: Machine) -> tuple[GuestMemory, StatsReport, GuestMe
     """
     before = read_guest_memory(vm.ssh)
     read_at = int(time.time())
-    first = wait_report_after(vm, read_at, REPORT_DEADLINE_S, "a report received after reading /proc")
-    report = wait_report_after(vm, first.last_update, REPORT_DEADLINE_S, "the report after it")
+    first = vm.host_balloon.wait_report_after(read_at, REPORT_DEADLINE_S, "a report received after reading /proc")
+    report = vm.host_balloon.wait_report_after(first.last_update, REPORT_DEADLINE_S, "the report after it")
     return before, report, read_guest_memory(vm.ssh)
 
 
@@ -58,7 +59,7 @@ def fresh_report_between(vm: Machine) -> tuple[GuestMemory, StatsReport, GuestMe
 def test_reports_every_interval_with_the_same_supported_tags(shared_vm: Machine) -> None:
     """last-update advances about once per interval; every report carries exactly the stats the kernel supports."""
     vm = shared_vm
-    set_polling_interval(vm, INTERVAL_S)
+    vm.host_balloon.set_stats_polling_interval(INTERVAL_S)
     reports = collect_reports(vm, REPORTS)
     gaps = [b.last_update - a.last_update for a, b in zip(reports, reports[1:], strict=False)]
     assert max(gaps) <= MAX_GAP_S, (
@@ -78,7 +79,7 @@ def test_values_agree_with_proc(shared_vm: Machine) -> None:
     """Every counter the report carries (tags 0-3, 8-15 as this kernel fills them) lies between two /proc/vmstat
     readings around the report; MemTotal is exact; gauges within tolerance."""
     vm = shared_vm
-    set_polling_interval(vm, INTERVAL_S)
+    vm.host_balloon.set_stats_polling_interval(INTERVAL_S)
     before, report, after = fresh_report_between(vm)
     counters = driver_stats(vm, before).counters(report.present())
     assert counters, f"BAL-DRV-ST-4: expected counter statistics in the report, got {sorted(report.present())}"
@@ -103,10 +104,10 @@ def test_values_agree_with_proc(shared_vm: Machine) -> None:
 
 def assert_reports_resume(vm: Machine, interruption: Callable[[], None], after: str) -> None:
     """Reports arrive again after `interruption`, with the same stats as before it (BAL-DRV-ST-8)."""
-    set_polling_interval(vm, INTERVAL_S)
+    vm.host_balloon.set_stats_polling_interval(INTERVAL_S)
     first = collect_reports(vm, 1)[0]
     interruption()
-    resumed = wait_report_after(vm, int(time.time()), REPORT_DEADLINE_S, f"a stats report after {after}")
+    resumed = vm.host_balloon.wait_report_after(int(time.time()), REPORT_DEADLINE_S, f"a stats report after {after}")
     assert resumed.present() == first.present(), (
         f"BAL-DRV-ST-8: expected the same stats after {after}, got {sorted(resumed.present())} "
         f"instead of {sorted(first.present())}")
@@ -132,7 +133,7 @@ def test_reports_resume_after_driver_reload(shared_vm: Machine) -> None:
 def test_reports_resume_after_system_reset(fresh_vm: Machine) -> None:
     """After system_reset the rebooted guest's driver reports again, with the new boot's MemTotal."""
     vm = fresh_vm
-    set_polling_interval(vm, INTERVAL_S)
+    vm.host_balloon.set_stats_polling_interval(INTERVAL_S)
     collect_reports(vm, 1)
     boots = vm.serial_text().count(vm.image.ready_marker)
     vm.qmp.command("system_reset")
@@ -140,7 +141,7 @@ def test_reports_resume_after_system_reset(fresh_vm: Machine) -> None:
     wait_for(lambda: vm.serial_text().count(vm.image.ready_marker) > boots, 90, "the guest to boot again")
     vm.ssh.close()
     vm.wait_ready(60)
-    report = wait_report_after(vm, reset_at + 1, REPORT_DEADLINE_S, "a report from the rebooted guest")
+    report = vm.host_balloon.wait_report_after(reset_at + 1, REPORT_DEADLINE_S, "a report from the rebooted guest")
     memtotal = read_guest_memory(vm.ssh).mem("MemTotal")
     assert report.values["stat-total-memory"] == memtotal, (
         f"BAL-DRV-ST-4: after system_reset: expected stat-total-memory {memtotal}, "

@@ -27,14 +27,12 @@ from fixtures.variant_gates import require_qmp_command
 from vballoon.guest.driver import LINUX_PAGE_POISON_VAL
 from vballoon.guest.health import kernel_trouble
 from vballoon.guest.procfs import read_guest_memory
-from vballoon.guest.stats import read_stats, set_polling_interval, wait_report_after
-from vballoon.guest.target import MIB, PAGE, set_target
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.migration import balloon_config_u32
-from vballoon.qemu.virtio_status import parse_status
 from vballoon.session import Session
-from vballoon.spec import ConfigField, Feature
+from vballoon.spec import PAGE_SIZE, ConfigField, Feature
 from vballoon.waiting import wait_for
 
 S3_ENABLED = ("-global", "ICH9-LPC.disable_s3=0")
@@ -94,25 +92,25 @@ def test_balloon_survives_suspend_and_resume(s3_vm: Machine, state: str, session
     vm, ram = s3_vm, s3_vm.memory_mib * MIB
     offered_sleep_state(vm, state)
     target = ram * 3 // 4
-    set_target(vm, target)
-    set_polling_interval(vm, 1)
-    last_update = wait_report_after(vm, 0, STATS_DEADLINE_S, "a first stats report").last_update
+    vm.host_balloon.reach_target(target)
+    vm.host_balloon.set_stats_polling_interval(1)
+    last_update = vm.host_balloon.wait_report_after(0, STATS_DEADLINE_S, "a first stats report").last_update
     before = read_guest_memory(vm.ssh)
     (suspend_to_ram if state == "mem" else suspend_to_idle)(vm)
-    wait_for(lambda: vm.query_balloon_bytes() == target, BALLOON_BACK_DEADLINE_S,
+    wait_for(lambda: vm.host_balloon.query_balloon() == target, BALLOON_BACK_DEADLINE_S,
              f"actual to be {target} again after resume (BAL-DRV-OP-1)",
-             describe_last=lambda: f"actual {vm.query_balloon_bytes()}")
+             describe_last=lambda: f"actual {vm.host_balloon.query_balloon()}")
     after = read_guest_memory(vm.ssh)
-    pages = (ram - target) // PAGE
+    pages = (ram - target) // PAGE_SIZE
     moved = {k: after.vmstat[k] - before.vmstat[k] for k in ("balloon_deflate", "balloon_inflate")}
     assert moved == {"balloon_deflate": pages, "balloon_inflate": pages}, (
         f"BAL-DRV-OP-4/BAL-DRV-OP-1: across '{state}', expected the driver to give back and retake the "
         f"{pages}-page balloon, got vmstat changes {moved}")
-    report = wait_report_after(vm, last_update, STATS_DEADLINE_S, f"a stats report after '{state}' (BAL-DRV-ST-3)")
+    report = vm.host_balloon.wait_report_after(last_update, STATS_DEADLINE_S, f"a stats report after '{state}' (BAL-DRV-ST-3)")
     print(f"{state}: balloon back to {target} bytes; stats report at {report.last_update}")
     check_poison_val_after_resume(vm, state, session)
-    set_target(vm, ram // 2)
-    set_target(vm, ram)
+    vm.host_balloon.reach_target(ram // 2)
+    vm.host_balloon.reach_target(ram)
     trouble = kernel_trouble(vm.ssh.output("dmesg"))
     assert not trouble, f"guest dmesg after '{state}': expected no WARNING/BUG/Oops, got {trouble[:5]}"
 
@@ -134,7 +132,7 @@ def driver_status(vm: Machine) -> tuple[str, ...]:
     """The device status QEMU holds for the balloon (x-query-virtio-status; the test skips without it)."""
     require_qmp_command(vm.qemu, "x-query-virtio-status", "the device status QEMU holds across the driver's reload")
     assert vm.qmp is not None
-    return parse_status(vm.qmp.command("x-query-virtio-status", path=vm.balloon_device_path())).status
+    return vm.host_balloon.virtio_status().status
 
 
 @pytest.mark.req("BAL-DRV-OP-2", "BAL-DRV-OP-4", "BAL-DRV-ACT-1", "BAL-DRV-OP-1")
@@ -144,14 +142,14 @@ def test_unload_gives_memory_back_and_reload_inflates_again(shared_vm: Machine, 
     vm, ram = shared_vm, shared_vm.memory_mib * MIB
     full_memtotal = read_guest_memory(vm.ssh).mem("MemTotal")
     target = ram // 2
-    set_target(vm, target)
+    vm.host_balloon.reach_target(target)
     before = read_guest_memory(vm.ssh)
     vm.ssh.run("rmmod virtio_balloon", timeout=120)
     unloaded = read_guest_memory(vm.ssh)
-    pages = (ram - target) // PAGE
+    pages = (ram - target) // PAGE_SIZE
     deflated = unloaded.vmstat["balloon_deflate"] - before.vmstat["balloon_deflate"]
     assert deflated == pages, f"BAL-DRV-OP-4: rmmod: expected {pages} pages deflated, got {deflated}"
-    actual = vm.query_balloon_bytes()
+    actual = vm.host_balloon.query_balloon()
     assert actual == ram, f"BAL-DRV-ACT-1: after rmmod: expected actual {ram} (balloon empty), got {actual}"
     if Feature.DEFLATE_ON_OOM not in variant.accepted_features():
         assert unloaded.mem("MemTotal") == full_memtotal, (
@@ -161,11 +159,11 @@ def test_unload_gives_memory_back_and_reload_inflates_again(shared_vm: Machine, 
     assert status == UNBOUND_STATUS, (
         f"after rmmod: expected the device reset and acknowledged again {UNBOUND_STATUS}, got {status}")
     vm.ssh.run("modprobe virtio_balloon", timeout=120)
-    wait_for(lambda: vm.query_balloon_bytes() == target, BALLOON_BACK_DEADLINE_S,
+    wait_for(lambda: vm.host_balloon.query_balloon() == target, BALLOON_BACK_DEADLINE_S,
              f"actual to return to the target {target} after modprobe (BAL-DRV-OP-1)",
-             describe_last=lambda: f"actual {vm.query_balloon_bytes()}")
+             describe_last=lambda: f"actual {vm.host_balloon.query_balloon()}")
     status = driver_status(vm)
     assert "VIRTIO_CONFIG_S_DRIVER_OK" in status, f"after modprobe: expected DRIVER_OK, got {status}"
-    stats_before = read_stats(vm).last_update
-    set_polling_interval(vm, 1)
-    wait_report_after(vm, stats_before, STATS_DEADLINE_S, "a stats report from the reloaded driver (BAL-DRV-ST-2)")
+    stats_before = vm.host_balloon.stats_report().last_update
+    vm.host_balloon.set_stats_polling_interval(1)
+    vm.host_balloon.wait_report_after(stats_before, STATS_DEADLINE_S, "a stats report from the reloaded driver (BAL-DRV-ST-2)")

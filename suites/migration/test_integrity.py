@@ -46,7 +46,7 @@ CHURN = f"for s in 11 12 13 14 15 16 17 18; do memhog fill --mib {CHURN_MIB} --s
 
 def inflate(machine: Machine, actual: int) -> None:
     """Set the balloon target and wait for the guest to reach it (BAL-DRV-ACT-1)."""
-    monitor(machine).command("balloon", value=actual)
+    machine.host_balloon.set_target(actual)
     monitor(machine).wait_event("BALLOON_CHANGE", 60, lambda e: e["data"]["actual"] == actual)
 
 

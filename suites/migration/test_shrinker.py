@@ -32,7 +32,7 @@ import pytest
 from fixtures.migration import HINTING, MigrationLab, assert_guest_healthy, touch_and_free
 from vballoon.guest.memhog import start_hog
 from vballoon.guest.procfs import GuestMemory, read_guest_memory
-from vballoon.guest.target import MIB
+from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.migration import balloon_config_u32, monitor
 from vballoon.spec import CMD_ID_DONE, ConfigField

@@ -19,7 +19,6 @@ from vballoon.qemu.migration import monitor
 from vballoon.waiting import wait_for
 
 MIGRATION_TIMEOUT = 60.0
-BALLOON_PATH = "/machine/peripheral/balloon0"
 STATS_INTERVAL_S = 2
 INFLATED_RAM = 384 << 20
 NEW_TARGET_RAM = 448 << 20
@@ -29,20 +28,12 @@ STATS_UPDATES = 2
 STATS_TIMEOUT = STATS_UPDATES * STATS_INTERVAL_S + 10.0
 
 
-def set_stats_interval(machine: Machine, seconds: int) -> None:
-    monitor(machine).command("qom-set", path=BALLOON_PATH, property="guest-stats-polling-interval", value=seconds)
-
-
-def stats_update_time(machine: Machine) -> int:
-    return int(monitor(machine).command("qom-get", path=BALLOON_PATH, property="guest-stats")["last-update"])
-
-
 def wait_stats_updates(machine: Machine, count: int) -> list[int]:
     """Wait for `count` new stats reports; their last-update times (guest seconds)."""
-    times = [stats_update_time(machine)]
+    times = [machine.host_balloon.stats_report().last_update]
 
     def enough() -> bool:
-        now = stats_update_time(machine)
+        now = machine.host_balloon.stats_report().last_update
         if now != times[-1]:
             times.append(now)
         return len(times) > count
@@ -60,16 +51,16 @@ def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: M
     if source.variant.free_page_hint:
         migration_lab.excuse_lost_writes()
     source_qmp = monitor(source)
-    source_qmp.command("balloon", value=INFLATED_RAM)
+    source.host_balloon.set_target(INFLATED_RAM)
     source_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT, lambda e: e["data"]["actual"] == INFLATED_RAM)
-    set_stats_interval(source, STATS_INTERVAL_S)
+    source.host_balloon.set_stats_polling_interval(STATS_INTERVAL_S)
     wait_stats_updates(source, 1)
     with migration_lab.migration(source) as migration:
         assert migration.destination is not None
-        set_stats_interval(migration.destination, STATS_INTERVAL_S)
+        migration.destination.host_balloon.set_stats_polling_interval(STATS_INTERVAL_S)
         outcome = migration.migrate(MIGRATION_TIMEOUT)
         destination = migration.destination
-        before, after = source.query_balloon_bytes(), destination.query_balloon_bytes()
+        before, after = source.host_balloon.query_balloon(), destination.host_balloon.query_balloon()
         print(f"{source.variant.name}: actual {before} on the source, {after} on the destination; "
               f"{outcome.describe()}")
         assert after == before == INFLATED_RAM, (
@@ -83,10 +74,10 @@ def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: M
             f"{times} (BAL-DRV-ST-3)")
 
         destination_qmp = monitor(destination)
-        destination_qmp.command("balloon", value=NEW_TARGET_RAM)
+        destination.host_balloon.set_target(NEW_TARGET_RAM)
         destination_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT,
                                    lambda e: e["data"]["actual"] == NEW_TARGET_RAM)
-        assert destination.query_balloon_bytes() == NEW_TARGET_RAM, (
+        assert destination.host_balloon.query_balloon() == NEW_TARGET_RAM, (
             f"query-balloon after a new target on the destination: expected {NEW_TARGET_RAM}, "
-            f"got {destination.query_balloon_bytes()} (BAL-DRV-ACT-1)")
+            f"got {destination.host_balloon.query_balloon()} (BAL-DRV-ACT-1)")
         assert_guest_healthy(destination)

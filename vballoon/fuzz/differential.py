@@ -45,6 +45,7 @@ from vballoon.fuzz.crashes import Finding
 from vballoon.fuzz.format import offered_balloon_features
 from vballoon.fuzz.reference_run import run_checked, step_reference
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import guest_stats_command, query_balloon_command
 from vballoon.qemu.machine import QemuBinary, tail
 from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest import QtestExpectationFailed
@@ -494,9 +495,9 @@ class QemuDifferential:
         ask_balloon, ask_stats = _writes_actual(ops), _may_change_stats(ops)
         queries: list[tuple[str, dict[str, Any]]] = []
         if ask_balloon:
-            queries.append(("query-balloon", {}))
+            queries.append(query_balloon_command())
         if ask_stats:
-            queries.append(("qom-get", {"path": machine.balloon_qom_path(), "property": "guest-stats"}))
+            queries.append(guest_stats_command())
         results = iter(self._ask_then_restore(executor, queries))
         if ask_balloon:
             query_balloon = int(next(results)["actual"])

@@ -52,10 +52,9 @@ from pathlib import Path
 from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, QUEUE_MAX_SIZES, REPORTING_VQ, STATSQ
-from vballoon.scenario.operations import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PAGES, POOL_PFNS, AddBuffer,
+from vballoon.scenario.operations import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, POOL_PFNS, AddBuffer,
                                           Cont, FillPage, HostRequest, Negotiate, Operation, ReadConfig, Reset, Scenario,
                                           SetPollingInterval, SetTarget, Stop, WriteConfig)
-from vballoon.scenario.reference_executor import reference_properties
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
 
 VERSION = 2
@@ -118,7 +117,7 @@ DEVICE_RESERVED_BITS = 0xC0
 @functools.lru_cache(maxsize=256)
 def offered_balloon_features(variant: Variant) -> int:
     """The balloon feature bits QEMU 7.2 and 10.0 offer for `variant` (the reference's), without MUST_TELL_HOST."""
-    return reference_properties(variant, False, MEMORY_MIB << 20).offered_features & NEGOTIABLE
+    return variant.reference_properties().offered_features & NEGOTIABLE
 
 
 # --- the device byte ---------------------------------------------------------------

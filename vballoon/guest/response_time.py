@@ -13,8 +13,8 @@ import math
 import re
 
 from vballoon.guest.health import log_since
-from vballoon.guest.target import PAGE, set_target
 from vballoon.qemu.machine import Machine
+from vballoon.spec import PAGE_SIZE
 
 TIMESTAMPED_TRACE_ARGS = ("-msg", "timestamp=on")
 RESPONSE_TRACE_EVENTS = ("virtio_balloon_to_target", "virtio_balloon_set_config")
@@ -23,14 +23,15 @@ SET_CONFIG = re.compile(r"@(\d+\.\d+):virtio_balloon_set_config actual: (\d+) ")
 
 
 def timed_resize(vm: Machine, target_bytes: int) -> float:
-    """Resize to `target_bytes` (waiting as set_target does); seconds from the command to actual at the target."""
+    """Resize to `target_bytes` (waiting as `HostBalloon.reach_target` does); seconds from the command to `actual`
+    at the target."""
     start = vm.logs.stderr.stat().st_size
-    set_target(vm, target_bytes)
+    vm.host_balloon.reach_target(target_bytes)
     trace = log_since(vm.logs.stderr, start)
     commanded = TO_TARGET.search(trace)
     assert commanded is not None, "no timestamped virtio_balloon_to_target line: start QEMU with " \
                                   f"{' '.join(TIMESTAMPED_TRACE_ARGS)} and trace {RESPONSE_TRACE_EVENTS}"
-    pages = (vm.memory_mib * (1 << 20) - target_bytes) // PAGE
+    pages = (vm.memory_mib * (1 << 20) - target_bytes) // PAGE_SIZE
     reached = next((float(m[1]) for m in SET_CONFIG.finditer(trace, commanded.end()) if int(m[2]) == pages), None)
     assert reached is not None, f"no virtio_balloon_set_config line with actual {pages} pages after the command"
     return reached - float(commanded[1])

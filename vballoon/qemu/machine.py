@@ -25,6 +25,7 @@ from vballoon.errors import GuestError, QemuError, UsageError
 from vballoon.guest.image import GuestImage
 from vballoon.guest.ssh import GuestShell
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import HostBalloon, device_option
 from vballoon.qemu.monitor import Monitor
 from vballoon.waiting import DeadlineExceeded, wait_for
 
@@ -216,8 +217,7 @@ class Machine:
         args[args.index("-nodefaults"):args.index("-nodefaults")] = ["-machine", machine_opts]
         if variant.free_page_hint:
             args += ["-object", "iothread,id=iothread0"]
-        props = ",".join(f"{k}={v}" for k, v in variant.device_properties().items())
-        args += ["-device", f"virtio-balloon-pci,id=balloon0,{props}"]
+        args += ["-device", device_option(variant.device_properties())]
         for event in self.trace_events:
             args += ["-trace", event]
         if self.incoming:
@@ -335,18 +335,12 @@ class Machine:
 
     # --- conveniences used by every suite ---------------------------------
 
-    def query_balloon_bytes(self) -> int:
-        """`query-balloon` 'actual': guest RAM minus the balloon, in bytes."""
-        assert self.qmp is not None
-        return int(self.qmp.command("query-balloon")["actual"])
-
-    def balloon_device_path(self) -> str:
-        """QOM path of the balloon's virtio device (for x-query-virtio-status)."""
-        assert self.qmp is not None
-        for device in self.qmp.command("x-query-virtio"):
-            if device["name"] == "virtio-balloon":
-                return str(device["path"])
-        raise QemuError("x-query-virtio lists no virtio-balloon device")
+    @property
+    def host_balloon(self) -> HostBalloon:
+        """The balloon over this QEMU's QMP; QemuError once QEMU was stopped."""
+        if self.qmp is None:
+            raise QemuError(f"QEMU is not running; {self.logs.describe()}")
+        return HostBalloon(self.qmp)
 
 
 def hugetlbfs_mount() -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vballoon.errors import QemuError
+from vballoon.qemu.balloon import BALLOON_ID
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.monitor import Monitor
 from vballoon.spec import ConfigField
@@ -37,7 +38,6 @@ SSH_AFTER_MIGRATION_TIMEOUT = 30.0
 LOADING_STATES = ("inmigrate", "prelaunch")
 """query-status of a destination that has not finished loading the guest."""
 
-BALLOON_QDEV_ID = "balloon0"
 MODERN_CONFIG_BAR, MODERN_CONFIG_OFFSET = 4, 0x2000  # virtio-pci (QEMU 7.2, 10.0): device-specific region of BAR 4
 LEGACY_CONFIG_BAR = 0  # the legacy I/O BAR: a 20-byte header, 24 when the device has MSI-X (a memory BAR)
 LEGACY_HEADER, LEGACY_HEADER_MSIX = 20, 24
@@ -296,9 +296,9 @@ def legacy_config_offset(machine: Machine) -> int:
 def _balloon_pci_regions(qmp: Monitor) -> list[dict[str, Any]]:
     for bus in qmp.command("query-pci"):
         for device in bus["devices"]:
-            if device.get("qdev_id") == BALLOON_QDEV_ID:
+            if device.get("qdev_id") == BALLOON_ID:
                 return list(device["regions"])
-    raise QemuError(f"query-pci lists no device {BALLOON_QDEV_ID!r}")
+    raise QemuError(f"query-pci lists no device {BALLOON_ID!r}")
 
 
 @dataclass(frozen=True)

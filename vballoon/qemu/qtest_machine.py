@@ -26,6 +26,7 @@ from typing import Any, Collection, Sequence
 
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import HostBalloon, device_option
 from vballoon.qemu.machine import MachineLogs, QemuBinary, die_with_parent, tail
 from vballoon.qemu.monitor import Monitor
 from vballoon.qemu.qtest import QtestClient, has_qtest_accelerator
@@ -38,7 +39,6 @@ from vballoon.waiting import DeadlineExceeded, wait_for
 FIRMWARE_SIZE = 64 * 1024
 RESET_VECTOR_OFFSET = 0xFFF0
 HALT_FOREVER = bytes([0xFA, 0xF4, 0xEB, 0xFD])  # cli; hlt; jmp back to hlt
-BALLOON_ID = "balloon0"
 IOTHREAD_ID = "iothread0"
 START_TIMEOUT = 30.0
 EXIT_TIMEOUT = 5.0
@@ -189,8 +189,7 @@ class QtestMachine:
         ]
         if self.variant.free_page_hint:
             args += ["-object", f"iothread,id={IOTHREAD_ID}"]
-        props = ",".join(f"{k}={v}" for k, v in self.variant.device_properties(IOTHREAD_ID).items())
-        return args + ["-device", f"virtio-balloon-pci,id={BALLOON_ID},{props}"]
+        return args + ["-device", device_option(self.variant.device_properties(IOTHREAD_ID))]
 
     def stop(self) -> None:
         """Close qtest and QMP, SIGTERM QEMU, SIGKILL what is left; the runtime dir goes whatever happens."""
@@ -270,8 +269,10 @@ class QtestMachine:
         if found:
             raise QemuError("; ".join(found[:5]) + f" ({self.describe_logs()})")
 
-    def balloon_qom_path(self) -> str:
-        return f"/machine/peripheral/{BALLOON_ID}"
+    @property
+    def host_balloon(self) -> HostBalloon:
+        """The balloon over this QEMU's QMP."""
+        return HostBalloon(self.qmp)
 
 
 class QtestBalloon:
@@ -381,5 +382,4 @@ class QtestBalloon:
         return BalloonConfig.decode(bytes(self.driver.config_read(i, 1) for i in range(size)))
 
     def guest_stats(self) -> dict[str, Any]:
-        return dict(self.machine.qmp.command("qom-get", path=self.machine.balloon_qom_path(),
-                                             property="guest-stats"))
+        return self.machine.host_balloon.guest_stats()

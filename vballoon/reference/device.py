@@ -72,6 +72,8 @@ _CONFIG_FIELDS = struct.Struct("<4I")
 _ACTUAL, _POISON_VAL = int(ConfigField.ACTUAL), int(ConfigField.POISON_VAL)
 _CONFIG_WIDTHS = (1, 2, 4)
 _ACTUAL_END = _ACTUAL + CONFIG_FIELD_SIZE
+LEGACY_FEATURE_BITS = (1 << 32) - 1
+"""What the legacy virtio-pci layout shows of the device features: one 32-bit register."""
 
 
 @dataclass(frozen=True)
@@ -85,24 +87,29 @@ class DeviceProperties:
     page_poison: bool = True
     qemu_4_0_config_size: bool = False
     modern: bool = True
-    """Offer VERSION_1 (modern virtio-pci); False models a legacy-only device."""
+    """Offer VERSION_1 (modern virtio-pci); False models a legacy interface (a legacy-only device, or a transitional
+    one driven through its legacy registers): no VERSION_1, and one 32-bit feature register."""
     guest_endian: Endian = "little"
     """Byte order of legacy buffers (guest-native; little on x86)."""
     shape: DeviceShape = DEFAULT_SHAPE
     """Stats count and queue sizes, as the QEMU under test has them."""
     ring_features: int = feature_mask(Feature.INDIRECT_DESC, Feature.EVENT_IDX)
-    """Transport features offered besides the balloon bits (QEMU 7.2 and 10.0 also offer RING_RESET)."""
+    """Transport features offered besides the balloon bits, as QEMU's indirect_desc, event_idx and packed properties
+    ask (QEMU 7.2 and 10.0 also offer RING_RESET). The reference's rings are split: no driver here takes
+    RING_PACKED."""
 
     @functools.cached_property  # read on every status write and invariant check
     def offered_features(self) -> int:
-        """STATS_VQ always, MUST_TELL_HOST never, the rest from the properties (QEMU 7.2 and 10.0)."""
+        """STATS_VQ always, MUST_TELL_HOST never, the rest from the properties (virtio_balloon_get_features,
+        QEMU 7.2 and 10.0)."""
         bits = [Feature.STATS_VQ]
         bits += [Feature.DEFLATE_ON_OOM] if self.deflate_on_oom else []
         bits += [Feature.FREE_PAGE_HINT] if self.free_page_hint else []
         bits += [Feature.PAGE_POISON] if self.page_poison else []
         bits += [Feature.REPORTING] if self.free_page_reporting else []
         bits += [Feature.VERSION_1] if self.modern else []
-        return feature_mask(*bits) | self.ring_features
+        offered = feature_mask(*bits) | self.ring_features
+        return offered if self.modern else offered & LEGACY_FEATURE_BITS
 
     @functools.cached_property  # read on every config access
     def config_size(self) -> int:

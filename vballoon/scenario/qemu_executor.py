@@ -16,6 +16,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
+from vballoon.qemu.balloon import polling_interval_command, target_command
 from vballoon.qemu.machine import QemuBinary
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.scenario.observation import NO_ANSWER, Answer, Observation
@@ -126,11 +127,10 @@ class QemuExecutor:
         return NO_ANSWER
 
     def _balloon_command(self, op: SetTarget) -> tuple[str, dict[str, Any]]:
-        return "balloon", {"value": self.machine.ram_bytes - op.pages_below_ram * PAGE_SIZE}
+        return target_command(self.machine.ram_bytes - op.pages_below_ram * PAGE_SIZE)
 
     def _polling_command(self, op: SetPollingInterval) -> tuple[str, dict[str, Any]]:
-        return "qom-set", {"path": self.machine.balloon_qom_path(), "property": "guest-stats-polling-interval",
-                           "value": op.seconds}
+        return polling_interval_command(op.seconds)
 
     def _run_state_command(self, op: Stop | Cont) -> tuple[str, dict[str, Any]]:
         return type(op).__name__.lower(), {}
@@ -158,7 +158,7 @@ class QemuExecutor:
             alive=True, status=balloon.driver.status,
             config=bytes(balloon.driver.config_read(i, 1) for i in range(self.config_size)),
             read_value=answer[0], request_error=answer[1], used=used,
-            query_balloon=int(machine.qmp.command("query-balloon")["actual"]),
+            query_balloon=machine.host_balloon.query_balloon(),
             guest_stats=tuple(sorted(stats["stats"].items())), stats_updated=bool(stats["last-update"]),
             events=tuple(self.events),
             pages=tuple((pfn, machine.qtest.read(pfn << PFN_SHIFT, PAGE_SIZE)) for pfn in POOL_PFNS),

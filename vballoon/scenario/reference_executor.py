@@ -27,11 +27,10 @@ from vballoon.virtqueue import Buffer
 @functools.lru_cache(maxsize=256)  # one per device a fuzz target meets; each reference starts from one
 def reference_properties(variant: Variant, legacy_interface: bool, ram_bytes: int,
                          shape: DeviceShape = DEFAULT_SHAPE) -> DeviceProperties:
-    """The reference device standing for QEMU's balloon of `variant` seen through one interface; `shape` is
-    what the QEMU under test chose where the spec lets a device choose (`QemuProfile.device_shape`)."""
-    return DeviceProperties(ram_size=ram_bytes, deflate_on_oom=variant.deflate_on_oom,
-                            free_page_hint=variant.free_page_hint, free_page_reporting=variant.free_page_reporting,
-                            page_poison=variant.page_poison, modern=not legacy_interface, shape=shape)
+    """`Variant.reference_properties`, the same object for the same device: its offer, config size and queues are
+    worked out once; `shape` is what the QEMU under test chose where the spec lets a device choose
+    (`QemuProfile.device_shape`)."""
+    return variant.reference_properties(legacy_interface, ram_bytes, shape)
 
 
 @dataclass(frozen=True)
