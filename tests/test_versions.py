@@ -75,7 +75,7 @@ def test_counter_sources_sum_zones_and_convert_pages() -> None:
 def test_profile_counts_the_stats_qemu_names_in_tag_order() -> None:
     names = tuple(info.qom_key for info in STATS[:10]) + ("stat-from-the-future",)
     profile = QemuProfile((10, 1, 0), names, (("inflateq", 256),), frozenset(), frozenset(), False)
-    assert profile.stat_count == 10 and profile.unknown_stat_names == ("stat-from-the-future",), profile
+    assert profile.stat_count == 10, f"expected the 10 names vballoon knows counted, got {profile.stat_count}"
 
 
 def test_the_installed_qemu_describes_itself(session: Session) -> None:

@@ -157,10 +157,10 @@ def test_polling_interval_values(qtest_machine: QtestMachine, seconds: int, refu
     after which the driver must refill, BAL-DRV-ST-3.)"""
     ((_, error),) = qtest_machine.qmp.try_commands([polling_interval_command(seconds)])
     assert bool(error) == refused, \
-        f"interval {seconds}: expected {'a refusal' if refused else 'no error'}, got {error!r}"
+        f"BAL-DRV-ST-3: interval {seconds}: expected {'a refusal' if refused else 'no error'}, got {error!r}"
     shown = qtest_machine.host_balloon.stats_polling_interval()
     expected = 0 if refused else seconds
-    assert shown == expected, f"interval {seconds}: expected {expected} to read back, got {shown}"
+    assert shown == expected, f"BAL-DRV-ST-3: interval {seconds}: expected {expected} to read back, got {shown}"
 
 
 @pytest.mark.req("BAL-DRV-ST-3")

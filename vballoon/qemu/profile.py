@@ -53,12 +53,6 @@ class QemuProfile:
         return count
 
     @property
-    def unknown_stat_names(self) -> tuple[str, ...]:
-        """Names QEMU reports that vballoon's tag table lacks (a QEMU newer than vballoon): never judged."""
-        known = {info.qom_key for info in STATS}
-        return tuple(name for name in self.stat_names if name not in known)
-
-    @property
     def device_shape(self) -> DeviceShape:
         """The reference device's shape for this QEMU: its stats count and queue sizes."""
         return DeviceShape(self.stat_count, self.queue_sizes)
