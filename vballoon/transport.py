@@ -31,7 +31,7 @@ from typing import Any, Callable, Collection, Mapping, Protocol, Sequence, Union
 from vballoon.differences import describe_mapping_difference
 from vballoon.errors import DecodeError, QemuError, UsageError
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import QemuBinary
+from vballoon.qemu.process import QemuBinary
 from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.reference import BalloonDevice, DeviceProperties, DeviceShape, RequestRejected

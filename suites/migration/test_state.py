@@ -15,7 +15,6 @@ import pytest
 
 from fixtures.migration import MIGRATION_VARIANTS, MigrationLab, assert_guest_healthy, over
 from vballoon.qemu.machine import Machine
-from vballoon.qemu.migration import monitor
 from vballoon.waiting import wait_for
 
 MIGRATION_TIMEOUT = 60.0
@@ -30,11 +29,11 @@ STATS_TIMEOUT = STATS_UPDATES * STATS_INTERVAL_S + 10.0
 
 
 def set_stats_interval(machine: Machine, seconds: int) -> None:
-    monitor(machine).command("qom-set", path=BALLOON_PATH, property="guest-stats-polling-interval", value=seconds)
+    machine.qmp.command("qom-set", path=BALLOON_PATH, property="guest-stats-polling-interval", value=seconds)
 
 
 def stats_update_time(machine: Machine) -> int:
-    return int(monitor(machine).command("qom-get", path=BALLOON_PATH, property="guest-stats")["last-update"])
+    return int(machine.qmp.command("qom-get", path=BALLOON_PATH, property="guest-stats")["last-update"])
 
 
 def wait_stats_updates(machine: Machine, count: int) -> list[int]:
@@ -59,7 +58,7 @@ def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: M
     keep arriving at the same interval; the guest is healthy and reachable over SSH."""
     if source.variant.free_page_hint:
         migration_lab.excuse_lost_writes()
-    source_qmp = monitor(source)
+    source_qmp = source.qmp
     source_qmp.command("balloon", value=INFLATED_RAM)
     source_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT, lambda e: e["data"]["actual"] == INFLATED_RAM)
     set_stats_interval(source, STATS_INTERVAL_S)
@@ -82,7 +81,7 @@ def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: M
             f"stats on the destination: expected a report every {STATS_INTERVAL_S} s, got last-update times "
             f"{times} (BAL-DRV-ST-3)")
 
-        destination_qmp = monitor(destination)
+        destination_qmp = destination.qmp
         destination_qmp.command("balloon", value=NEW_TARGET_RAM)
         destination_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT,
                                    lambda e: e["data"]["actual"] == NEW_TARGET_RAM)

@@ -39,10 +39,9 @@ from typing import Any, Collection, Sequence
 
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import QemuBinary, tail
+from vballoon.qemu.process import ERROR_LINE, QemuBinary, crash_lines, tail
 from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest import QtestExpectationFailed
-from vballoon.qemu.qtest_machine import CRASH_LINE, DEVICE_ERROR_LINE
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.requirements import deviation_for
@@ -221,14 +220,11 @@ class QemuDifferential:
         return transport
 
     def _stderr_size(self) -> int:
-        stderr = self.transport.machine.logs.stderr if self.transport else None
-        return stderr.stat().st_size if stderr is not None and stderr.exists() else 0
+        return self.transport.machine.mark().stderr if self.transport else 0
 
     def _new_stderr(self) -> str:
         assert self.transport is not None
-        with self.transport.machine.logs.stderr.open("rb") as stderr:
-            stderr.seek(self._stderr_offset)
-            return stderr.read().decode(errors="replace")
+        return self.transport.machine.stderr_since(self._stderr_offset)
 
     def command_line(self) -> str:
         """The command line of the QEMU in use (or last used)."""
@@ -394,10 +390,10 @@ class QemuDifferential:
         of this input that no bit has followed for LOST_BIT_GRACE counts too. The legacy interface has no such
         bit, so stderr is read there."""
         if self.legacy_interface:
-            return bool(DEVICE_ERROR_LINE.search(self._new_stderr()))
+            return bool(ERROR_LINE.search(self._new_stderr()))
         if transport.balloon.driver.status & Status.DEVICE_NEEDS_RESET:
             return True
-        if not DEVICE_ERROR_LINE.search(self._new_stderr()):
+        if not ERROR_LINE.search(self._new_stderr()):
             return False
         now = time.monotonic()
         self._error_line_seen = self._error_line_seen or now
@@ -497,7 +493,7 @@ class QemuDifferential:
         """QEMU's state at the end of the input: `registers` from the last collection, and QMP."""
         machine = transport.machine
         stderr = self._new_stderr()
-        crash = tuple(m.group(0).strip() for m in CRASH_LINE.finditer(stderr))
+        crash = tuple(crash_lines(stderr))
         if crash or machine.process is None or machine.process.poll() is not None:
             return Observation(alive=False, crash=crash or (machine.exit_description(),))
         ops = scenario.operations
@@ -520,7 +516,7 @@ class QemuDifferential:
             events = events[1:]
         return Observation(alive=True, status=registers.status, config=bytes(registers.config), used=tuple(side.used),
                            query_balloon=query_balloon, guest_stats=stats, stats_updated=stats_updated, events=events,
-                           pages=registers.pages, device_errors=len(DEVICE_ERROR_LINE.findall(stderr)))
+                           pages=registers.pages, device_errors=len(ERROR_LINE.findall(stderr)))
 
     @staticmethod
     def _unobserved_as_expected(scenario: Scenario, got: Observation, expected: Observation) -> Observation:
@@ -543,7 +539,7 @@ class QemuDifferential:
         machine = self.transport.machine
         hang = "did not answer" in error and machine.process is not None and machine.process.poll() is None
         stderr_tail = tail(machine.logs.stderr, 20)
-        evidence = [m.group(0).strip() for m in CRASH_LINE.finditer(self._new_stderr())]
+        evidence = crash_lines(self._new_stderr())
         self.close()
         kind = "hang" if hang and not evidence else "crash"
         return Finding(kind, f"QEMU {kind}: {'; '.join(evidence) or error}", (error,), stderr_tail=stderr_tail)

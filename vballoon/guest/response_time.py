@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 
-from vballoon.guest.health import log_since
 from vballoon.guest.target import PAGE, set_target
 from vballoon.qemu.machine import Machine
 
@@ -26,7 +25,7 @@ def timed_resize(vm: Machine, target_bytes: int) -> float:
     """Resize to `target_bytes` (waiting as set_target does); seconds from the command to actual at the target."""
     start = vm.logs.stderr.stat().st_size
     set_target(vm, target_bytes)
-    trace = log_since(vm.logs.stderr, start)
+    trace = vm.stderr_since(start)
     commanded = TO_TARGET.search(trace)
     assert commanded is not None, "no timestamped virtio_balloon_to_target line: start QEMU with " \
                                   f"{' '.join(TIMESTAMPED_TRACE_ARGS)} and trace {RESPONSE_TRACE_EVENTS}"

@@ -25,14 +25,12 @@ class StatsReport:
 
 
 def read_stats(vm: Machine) -> StatsReport:
-    assert vm.qmp is not None
     raw = vm.qmp.command("qom-get", path=BALLOON_QOM_PATH, property="guest-stats")
     return StatsReport(int(raw["last-update"]), {k: int(v) for k, v in raw["stats"].items()})
 
 
 def set_polling_interval(vm: Machine, seconds: int) -> None:
     """Ask QEMU to request stats every `seconds` of virtual time (0 stops polling)."""
-    assert vm.qmp is not None
     vm.qmp.command("qom-set", path=BALLOON_QOM_PATH, property="guest-stats-polling-interval", value=seconds)
 
 

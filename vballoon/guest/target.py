@@ -20,7 +20,6 @@ def set_target(vm: Machine, target_bytes: int, timeout: float = CONVERGE_DEADLIN
 
     Fails naming BAL-DRV-OP-1 (inflate) or BAL-DRV-OP-2 (deflate) with the last actual seen.
     """
-    assert vm.qmp is not None
     before = vm.query_balloon_bytes()
     started = time.monotonic()
     vm.qmp.command("balloon", value=target_bytes)
