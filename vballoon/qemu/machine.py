@@ -84,7 +84,8 @@ class Machine(QemuMachine):
             self.ssh_port = free_local_port()
             mark = self.mark()
             try:
-                return super()._launch()
+                super()._launch()
+                return
             except QemuError:
                 if HOSTFWD_FAILED not in self.stderr_since(mark.stderr):
                     raise

@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from vballoon.errors import QemuError, UsageError
 from vballoon.matrix import Variant
@@ -210,7 +210,7 @@ class QemuMachine:
 
     # --- lifecycle --------------------------------------------------------------
 
-    def __enter__(self) -> "QemuMachine":
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -238,7 +238,7 @@ class QemuMachine:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                                             preexec_fn=die_with_parent, start_new_session=True)
         try:
-            self._qmp.accept(START_TIMEOUT, alive=lambda: self.process is not None and self.process.poll() is None)
+            self._qmp.accept(START_TIMEOUT, alive=self.running)
         except QemuError as error:
             raise QemuError(f"{error}; {self.exit_description()}") from None
 
@@ -291,6 +291,7 @@ class QemuMachine:
         return self.process.pid
 
     def running(self) -> bool:
+        """Whether QEMU was started and has not exited."""
         return self.process is not None and self.process.poll() is None
 
     # --- health -------------------------------------------------------------------
