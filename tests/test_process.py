@@ -9,6 +9,7 @@ before connecting.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,16 +120,17 @@ def test_qemu_dies_with_vballoon(stand_in: QemuBinary, tmp_path: Path) -> None:
               f"machine = StandIn(QemuBinary(Path({str(stand_in.path)!r}), (7, 2, 0), 'stand-in'), "
               f"Path({str(tmp_path / 'logs')!r}), 'ignore-term')\n"
               "machine.start()\n"
-              "print(machine.pid, flush=True)\n"
+              "print(machine.pid, machine.runtime_dir, flush=True)\n"
               "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
-        qemu_pid = int(parent.stdout.readline())
+        pid, runtime_dir = parent.stdout.readline().split()
     finally:
         parent.kill()
         parent.wait()
-    wait_for(lambda: gone(qemu_pid), 10, f"QEMU {qemu_pid} to die with its parent")
+    shutil.rmtree(runtime_dir)  # what the killed vballoon could not clean up
+    wait_for(lambda: gone(int(pid)), 10, f"QEMU {pid} to die with its parent")
 
 
 def gone(pid: int) -> bool:
