@@ -1,4 +1,4 @@
-"""The vballoon pytest plugin: options, matrix parametrisation, requirement marks, JUnit properties.
+"""The vballoon pytest plugin: options, matrix parametrisation, requirement marks, the requirements property.
 
 Options (see README): --qemu, --kernel, --modules, --accel, --matrix, --variant.
 A test that takes a `variant` argument runs once per variant of the chosen
@@ -19,7 +19,7 @@ from vballoon.matrix import TIERS, Variant, tier
 from vballoon.requirements import check_marker_args
 from vballoon.session import Session
 
-pytest_plugins = ["fixtures.guest_vm", "fixtures.qtest_device", "fixtures.migration"]
+pytest_plugins = ["fixtures.machines", "fixtures.guest_vm", "fixtures.qtest_device", "fixtures.migration"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,16 +89,3 @@ def _requirement_properties(request: pytest.FixtureRequest) -> None:
     ids = [i for mark in request.node.iter_markers("req") for i in mark.args]
     if ids:
         request.node.user_properties.append(("requirements", ",".join(dict.fromkeys(ids))))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Name the kept guest logs in the report of a failed test."""
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
-    if report.failed:
-        for log_dir in getattr(item, "vballoon_log_dirs", []):
-            report.sections.append(("vballoon logs kept", f"{log_dir} (serial.log, qemu-stderr.log, "
-                                                          "qmp-transcript.jsonl, qemu-command-line.txt)"))
-

@@ -18,7 +18,7 @@ from vballoon.matrix import Variant
 from vballoon.spec import ConfigField
 from vballoon.fuzz.crashes import crash_files, read_sidecar
 from vballoon.fuzz.harness import FUZZ_DIR
-from vballoon.qemu.machine import QemuBinary
+from vballoon.qemu.process import QemuBinary
 from vballoon.reference import device as reference_device
 from vballoon.reference.ram import PageOutcome
 from vballoon.scenario.qemu_executor import QemuExecutor

@@ -13,7 +13,7 @@ import pytest
 
 from vballoon.errors import GuestError
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import Machine
+from vballoon.qemu.machine import Machine, MachineSpec
 from vballoon.session import Session
 from vballoon.waiting import wait_for
 
@@ -35,18 +35,18 @@ def children_of(pid: int) -> list[int]:
 
 
 def machine_qemu(parent: int) -> tuple[int, Path] | None:
-    """A Machine's QEMU among the children of `parent` and its runtime dir (from the QMP socket path).
+    """A guest's QEMU among the children of `parent` and its runtime dir (from the QMP socket path).
 
-    Other children, such as the KVM probe, have no QMP socket.
+    Other children, such as the KVM probe, have no network for SSH.
     """
     for pid in children_of(parent):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        for arg in args:
-            if arg.startswith(b"socket,id=qmp,path="):
-                return pid, Path(arg.decode().split("path=", 1)[1]).parent
+        sockets = [arg for arg in args if arg.startswith(b"socket,id=qmp,path=")]
+        if sockets and b"-netdev" in args:
+            return pid, Path(sockets[0].decode().split("path=", 1)[1]).parent
     return None
 
 
@@ -80,11 +80,10 @@ def test_kernel_that_never_reaches_init_is_explained(session: Session, tmp_path:
     image = session.image_for(Variant())
     broken = tmp_path / "broken-initrd"
     broken.write_bytes(b"not a cpio archive\n" * 64)
-    machine = Machine(Variant(), dataclasses.replace(image, initrd=broken), session.qemu,
-                      session.accel(image).accel, tmp_path / "logs")
+    machine = Machine(MachineSpec(Variant(), dataclasses.replace(image, initrd=broken), session.qemu,
+                                  session.accel(image).accel, tmp_path / "logs", boot_timeout=25))
     with pytest.raises(GuestError) as caught:
-        machine.start(boot_timeout=25)
-    machine.stop()
+        machine.start()
     message = str(caught.value)
     assert "never reached /init" in message and "serial.log" in message, message
-    assert machine.process is not None and machine.process.poll() is not None, "QEMU still runs after stop()"
+    assert machine.process is not None and machine.process.poll() is not None, "QEMU still runs after a failed start"

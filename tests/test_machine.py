@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from vballoon.errors import UsageError
-from vballoon.qemu.machine import GUEST_TROUBLE, QEMU_TROUBLE, QemuBinary, free_local_port
+from vballoon.guest.health import GUEST_TROUBLE
+from vballoon.qemu.machine import free_local_port
+from vballoon.qemu.process import QemuBinary, crash_lines, error_lines
 
 
 def test_missing_qemu_is_one_line_naming_the_option(tmp_path: Path) -> None:
@@ -46,10 +48,19 @@ def test_free_local_port_is_bindable_on_loopback() -> None:
 
 @pytest.mark.parametrize("line", [
     "qemu-system-x86_64: ../hw/virtio/virtio.c:123: virtqueue_pop: Assertion `x' failed.",
-    "qemu-system-x86_64: received an incorrect cmd id",
+    "ERROR:../util/qemu-thread-posix.c:92:qemu_mutex_lock_impl: assertion failed: (x)",
+    "ERROR:../hw/virtio/virtio.c:42:virtqueue_fill: code should not be reached",
+    "Segmentation fault (core dumped)",
 ])
-def test_qemu_trouble_is_recognised(line: str) -> None:
-    assert QEMU_TROUBLE.search(line), f"not recognised as QEMU trouble: {line!r}"
+def test_a_crash_is_recognised_and_is_not_an_error_line(line: str) -> None:
+    assert crash_lines(line) == [line], f"not recognised as a crash: {line!r}"
+    assert error_lines(line) == [], f"a crash also counted as an error QEMU printed: {line!r}"
+
+
+def test_an_error_qemu_printed_is_recognised_with_its_text() -> None:
+    stderr = "12@1.5:virtio_balloon_set_config actual: 0\nqemu-system-x86_64: received an incorrect cmd id\n"
+    assert error_lines(stderr) == ["received an incorrect cmd id"]
+    assert crash_lines(stderr) == []
 
 
 @pytest.mark.parametrize("line", [
@@ -59,7 +70,7 @@ def test_qemu_trouble_is_recognised(line: str) -> None:
     "12345@1700000000.000001:virtio_balloon_handle_output section name: pc.ram gpa: 0x1000",
 ])
 def test_warnings_and_trace_lines_are_not_trouble(line: str) -> None:
-    assert not QEMU_TROUBLE.search(line), f"wrongly taken for QEMU trouble: {line!r}"
+    assert crash_lines(line) == [] and error_lines(line) == [], f"wrongly taken for QEMU trouble: {line!r}"
 
 
 @pytest.mark.parametrize("line", [

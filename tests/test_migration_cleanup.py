@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import Machine
+from vballoon.qemu.machine import Machine, MachineSpec
 from vballoon.qemu.migration import Migration, MigrationError
 from vballoon.session import Session
 
@@ -18,7 +18,7 @@ DEADLINE = 3.0
 @pytest.fixture
 def source(session: Session, tmp_path: Path):  # type: ignore[no-untyped-def]
     image = session.image_for(Variant())
-    with Machine(Variant(), image, session.qemu, session.accel(image).accel, tmp_path / "source") as machine:
+    with Machine(MachineSpec(Variant(), image, session.qemu, session.accel(image).accel, tmp_path / "source")) as machine:
         yield machine
 
 
@@ -34,7 +34,7 @@ def test_missed_deadline_cancels_stops_destination_and_cleans_up(source: Machine
     assert "did not converge" in message and "source logs" in message and "destination logs" in message, message
     assert destination.process.poll() is not None, "the destination QEMU outlived its migration"
     assert not work_dir.exists(), f"migration temp dir {work_dir} was left behind"
-    status = source.qmp.command("query-migrate")["status"]  # type: ignore[union-attr]
+    status = source.qmp.command("query-migrate")["status"]
     assert status == "cancelled", f"after the deadline the source's migration should be cancelled, got {status}"
     assert source.ssh.output("echo alive").strip() == "alive", "the source guest stopped answering"
 
@@ -46,5 +46,5 @@ def test_cancel_mid_way_leaves_the_source_running(source: Machine, tmp_path: Pat
         destination = migration.destination
     assert outcome.status == "cancelled"
     assert destination is not None and destination.process is not None and destination.process.poll() is not None
-    assert source.qmp.command("query-status")["status"] == "running"  # type: ignore[union-attr]
+    assert source.qmp.command("query-status")["status"] == "running"
     source.assert_healthy()

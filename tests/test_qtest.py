@@ -162,9 +162,9 @@ def test_qemu_assertion_is_reported_as_a_problem(machine: QtestMachine) -> None:
 
 def test_nothing_survives_the_machine(session: Session, tmp_path: Path) -> None:
     with QtestMachine(session.qemu, Variant(free_page_hint=True), tmp_path / "logs") as machine:
-        runtime_dir = machine._runtime_dir
+        runtime_dir = machine.runtime_dir
         process = machine.process
-        assert runtime_dir is not None and process is not None
+        assert process is not None
         assert "iothread" in machine.logs.command_line.read_text()
     assert process.poll() is not None, "QEMU still runs after the machine was left"
     assert not runtime_dir.exists(), f"{runtime_dir} (sockets, firmware) was not removed"
@@ -178,4 +178,5 @@ def test_start_failure_names_qemu_error_and_cleans_up(session: Session, tmp_path
             pass
     assert str(machine.logs.stderr) in str(caught.value)
     assert machine.process is not None and machine.process.poll() is not None
-    assert machine._runtime_dir is None
+    with pytest.raises(QemuError, match="not running"):
+        machine.runtime_dir  # noqa: B018 (removed with the failed start)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import Machine, QemuBinary
+from vballoon.qemu.machine import Machine, MachineSpec
+from vballoon.qemu.process import QemuBinary
 from vballoon.session import Session
 
 BOOT_TARGET_S = 5.0  # issue target: median boot-to-SSH under TCG on a 2-core host
@@ -40,7 +41,7 @@ def run_boot_benchmark(qemu: str | None, accel: str, kernel: str | None, modules
     for number in range(1, boots + 1):
         with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as logs:
             started = time.monotonic()
-            with Machine(variant, image, session.qemu, choice.accel, Path(logs)) as machine:
+            with Machine(MachineSpec(variant, image, session.qemu, choice.accel, Path(logs))) as machine:
                 elapsed = time.monotonic() - started
                 machine.ssh.output("true")
                 rss = process_rss_kib(machine.pid) / 1024
@@ -254,8 +255,8 @@ def run_balloon_benchmark(qemu: str | None, accel: str, kernel: str | None, modu
     per_size: dict[str, object] = {}
     ram_mib = 0
     with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as logs:
-        with Machine(variant, image, session.qemu, choice.accel, Path(logs), trace_events=RESPONSE_TRACE_EVENTS,
-                     extra_args=TIMESTAMPED_TRACE_ARGS) as machine:
+        with Machine(MachineSpec(variant, image, session.qemu, choice.accel, Path(logs),
+                                 trace_events=RESPONSE_TRACE_EVENTS, extra_args=TIMESTAMPED_TRACE_ARGS)) as machine:
             ram_mib = machine.memory_mib
             ram = ram_mib << 20
             for size in sizes_mib:

@@ -98,7 +98,7 @@ def _cmd_fuzz(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.fuzz.reproduce import emit_qtest, replay
-    from vballoon.qemu.machine import QemuBinary
+    from vballoon.qemu.process import QemuBinary
 
     qemu = QemuBinary.find(args.qemu)
     outcomes = []

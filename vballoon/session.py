@@ -15,7 +15,7 @@ from pathlib import Path
 from vballoon.guest.image import GuestImage, build_image
 from vballoon.matrix import Variant
 from vballoon.qemu.accel import AccelChoice, choose_accel
-from vballoon.qemu.machine import QemuBinary
+from vballoon.qemu.process import QemuBinary
 
 REPORTS = Path("reports")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.guest_vm import OOM_REPORT_MARK
+from fixtures.guest_vm import DMESG_FILE, OOM_REPORT_MARK
 from vballoon.matrix import Variant
 
 HERE = Path(__file__).parent
@@ -47,7 +47,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     """A failed guest test names the guest dmesg file kept beside the other logs."""
     outcome = yield
     report = outcome.get_result()
-    dmesg = getattr(item, "vballoon_dmesg", None)
+    dmesg = item.stash.get(DMESG_FILE, None)
     if report.failed and dmesg is not None:
         report.sections.append(("guest dmesg kept", str(dmesg)))
 

@@ -24,12 +24,10 @@ out (`QUICK_TIER_SKIPS`), which its own variants exercise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 
-from fixtures.guest_vm import GuestPool, guest_of_its_own
-from vballoon.guest.health import log_since
+from fixtures.machines import MachineFactory
 from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog, start_hog
 from vballoon.guest.pfn_trace import TRACE_EVENTS, pfn_messages
@@ -38,7 +36,6 @@ from vballoon.matrix import BACKENDS, Variant
 from vballoon.qemu.hmp import hmp, trace_events_on
 from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
-from vballoon.session import Session
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 INFLATE_MIB = 256
@@ -74,18 +71,15 @@ def backend_of(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend_vm(request: pytest.FixtureRequest, session: Session, guest_pool: GuestPool) -> Iterator[Machine]:
+def backend_vm(request: pytest.FixtureRequest, machines: MachineFactory) -> Machine:
     """A pci-modern guest on the parametrised RAM backend, for this test alone."""
-    with guest_of_its_own(request, session, guest_pool, Variant(backend=backend_of(request))) as machine:
-        yield machine
+    return machines.guest(Variant(backend=backend_of(request)))
 
 
 @pytest.fixture(params=BACKENDS)
-def reporting_backend_vm(request: pytest.FixtureRequest, session: Session, guest_pool: GuestPool) -> Iterator[Machine]:
+def reporting_backend_vm(request: pytest.FixtureRequest, machines: MachineFactory) -> Machine:
     """A pci-modern guest with free-page-reporting and no page-poison on the parametrised RAM backend."""
-    variant = Variant(backend=backend_of(request), free_page_reporting=True, page_poison=False)
-    with guest_of_its_own(request, session, guest_pool, variant) as machine:
-        yield machine
+    return machines.guest(Variant(backend=backend_of(request), free_page_reporting=True, page_poison=False))
 
 
 def guest_words(vm: Machine, gpa: int) -> tuple[int, int]:
@@ -106,14 +100,14 @@ def test_inflate_frees_host_memory_per_backend(backend_vm: Machine) -> None:
     stderr_start = vm.logs.stderr.stat().st_size
     with trace_events_on(vm, *TRACE_EVENTS) as start:
         vm.host_balloon.reach_target(ram - INFLATE_MIB * MIB)
-        ballooned = [m.gpa for m in pfn_messages(log_since(vm.logs.stderr, start))]
+        ballooned = [m.gpa for m in pfn_messages(vm.stderr_since(start))]
     step = max(1, len(ballooned) // SAMPLED_PAGES)
     sample = ballooned[::step][:SAMPLED_PAGES]
     if hugetlb:
         with pytest.raises(DeadlineExceeded):
             wait_for(lambda: qemu_memory_bytes(vm.pid) < before - HUGETLB_SLACK, HOST_MEMORY_DEADLINE_S / 6,
                      "host memory to fall on hugetlbfs")
-        warned = HUGE_PAGE_WARNING in log_since(vm.logs.stderr, stderr_start)
+        warned = HUGE_PAGE_WARNING in vm.stderr_since(stderr_start)
         assert warned, f"hugetlbfs backend: expected QEMU to warn {HUGE_PAGE_WARNING!r} on stderr, it did not"
     else:
         wanted = before - int(FALL_FRACTION * INFLATE_MIB * MIB)

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 
 from fixtures.variant_gates import baseline_only
-from vballoon.guest.health import log_since
 from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import start_hog
 from vballoon.guest.pfn_trace import TRACE_EVENTS, PfnMessage, inflate_queue, pfn_messages, replay
@@ -66,14 +65,14 @@ def test_compaction_moves_balloon_pages_and_tells_the_host(baseline: Variant, sh
         expected_pages = (ram - target) // 4096
 
         def traced_inflate() -> list[PfnMessage] | None:
-            messages = pfn_messages(log_since(vm.logs.stderr, start))
+            messages = pfn_messages(vm.stderr_since(start))
             return messages if len(messages) >= expected_pages else None
 
         # QEMU's trace lines reach its stderr file after the guest has written actual: wait for them.
         try:
             inflated = wait_for(traced_inflate, TRACE_DEADLINE_S, f"QEMU to trace {expected_pages} inflate PFNs")
         except DeadlineExceeded:
-            inflated = pfn_messages(log_since(vm.logs.stderr, start))
+            inflated = pfn_messages(vm.stderr_since(start))
         assert len(inflated) == expected_pages, (
             f"BAL-DRV-OP-1: expected QEMU to receive {expected_pages} inflate PFNs, got {len(inflated)}")
         inflate = inflate_queue(inflated)
@@ -88,7 +87,7 @@ def test_compaction_moves_balloon_pages_and_tells_the_host(baseline: Variant, sh
                               f"to rise), got {before.vmstat['balloon_migrate']} -> {after.vmstat['balloon_migrate']}")
 
         def traced_moves() -> list[PfnMessage] | None:
-            messages = pfn_messages(log_since(vm.logs.stderr, compaction_start))
+            messages = pfn_messages(vm.stderr_since(compaction_start))
             return messages if len(messages) >= 2 * migrated else None
 
         moves = wait_for(traced_moves, TRACE_DEADLINE_S, f"QEMU to trace {2 * migrated} PFNs for {migrated} "

@@ -9,7 +9,6 @@ import zlib
 import pytest
 
 from fixtures.qtest_device import expect_conformance
-from vballoon.guest.health import log_since
 from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog, start_hog
 from vballoon.guest.procfs import read_guest_memory
@@ -157,7 +156,7 @@ def test_legacy_actual_written_in_one_access(legacy_variant: Variant, shared_vm:
     start = vm.logs.stderr.stat().st_size
     target = ram - 300 * MIB  # actual crosses 0xff00 -> 0x10000 pages: a carry into the third byte
     vm.host_balloon.reach_target(target)
-    values = [int(m[1]) for m in SET_CONFIG.finditer(log_since(vm.logs.stderr, start))]
+    values = [int(m[1]) for m in SET_CONFIG.finditer(vm.stderr_since(start))]
     backwards = [(a, b) for a, b in zip(values, values[1:], strict=False) if b < a]
     expect_conformance(not backwards, "BAL-DRV-LEG-ACT", session.qemu,
                        f"while inflating to {target} bytes actual went backwards {backwards[:3]} in QEMU's "

@@ -17,11 +17,10 @@ guest of their own (one at a time: the variant's shared guest is stopped first).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 
-from fixtures.guest_vm import GuestPool, guest_of_its_own
+from fixtures.machines import MachineFactory
 from fixtures.qtest_device import expect_conformance
 from fixtures.variant_gates import require_qmp_command
 from vballoon.guest.driver import LINUX_PAGE_POISON_VAL
@@ -46,11 +45,9 @@ UNBOUND_STATUS = ("VIRTIO_CONFIG_S_ACKNOWLEDGE",)
 
 
 @pytest.fixture
-def s3_vm(request: pytest.FixtureRequest, session: Session, guest_pool: GuestPool,
-          variant: Variant) -> Iterator[Machine]:
+def s3_vm(machines: MachineFactory, variant: Variant) -> Machine:
     """A guest of the variant whose firmware offers S3, for this test alone; its logs kept when it fails."""
-    with guest_of_its_own(request, session, guest_pool, variant, extra_args=S3_ENABLED) as machine:
-        yield machine
+    return machines.guest(variant, extra_args=S3_ENABLED)
 
 
 def offered_sleep_state(vm: Machine, state: str) -> None:
@@ -62,7 +59,6 @@ def offered_sleep_state(vm: Machine, state: str) -> None:
 
 def suspend_to_ram(vm: Machine) -> None:
     """echo mem > /sys/power/state in the background, wait until QEMU sees the guest suspended, system_wakeup."""
-    assert vm.qmp is not None
     vm.ssh.run("setsid sh -c 'echo mem > /sys/power/state' </dev/null >/dev/null 2>&1 &")
     wait_for(lambda: vm.qmp.command("query-status")["status"] == "suspended", SUSPEND_DEADLINE_S,
              "QEMU to report the guest suspended (S3)")
@@ -131,7 +127,6 @@ def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> 
 def driver_status(vm: Machine) -> tuple[str, ...]:
     """The device status QEMU holds for the balloon (x-query-virtio-status; the test skips without it)."""
     require_qmp_command(vm.qemu, "x-query-virtio-status", "the device status QEMU holds across the driver's reload")
-    assert vm.qmp is not None
     return vm.host_balloon.virtio_status().status
 
 

@@ -22,7 +22,7 @@ from fixtures.migration import (HINTING, HINTING_VARIANTS, NO_HINTING, Migration
                                 mem_free_kib, over, touch_and_free)
 from vballoon.benchmarks import record_migration_benchmark
 from vballoon.qemu.machine import Machine
-from vballoon.qemu.migration import balloon_config_u32, monitor, saved_hint_state
+from vballoon.qemu.migration import balloon_config_u32, saved_hint_state
 from vballoon.spec import CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, ConfigField
 from vballoon.waiting import wait_for
 
@@ -195,8 +195,8 @@ def test_each_round_issues_a_new_greater_command_id_then_done(migration_lab: Mig
         assert done == CMD_ID_DONE, f"{round_name}: cmd_id after migration: expected DONE (1), got {done:#x} " \
                                     "(BAL-DEV-FPH-6)"
         last_id = saved_id
-        monitor(source).command("cont")
-        wait_for(lambda: monitor(source).command("query-status")["status"] == "running", 10,
+        source.qmp.command("cont")
+        wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10,
                  "the source to run again")
     assert_guest_healthy(source)
 

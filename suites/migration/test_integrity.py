@@ -21,7 +21,7 @@ import pytest
 from fixtures.migration import (HINTING, MIGRATION_VARIANTS, MigrationLab, assert_guest_healthy, over,
                                 start_background, touch_and_free, wait_for_line)
 from vballoon.qemu.machine import Machine
-from vballoon.qemu.migration import SSH_AFTER_MIGRATION_TIMEOUT, Migration, monitor, pages_absent_from_ram
+from vballoon.qemu.migration import SSH_AFTER_MIGRATION_TIMEOUT, Migration, pages_absent_from_ram
 
 MIGRATION_TIMEOUT = 60.0
 # 32 MiB/s keeps RAM being sent for about 3 s, long enough for the churn below to overlap it.
@@ -47,7 +47,7 @@ CHURN = f"for s in 11 12 13 14 15 16 17 18; do memhog fill --mib {CHURN_MIB} --s
 def inflate(machine: Machine, actual: int) -> None:
     """Set the balloon target and wait for the guest to reach it (BAL-DRV-ACT-1)."""
     machine.host_balloon.set_target(actual)
-    monitor(machine).wait_event("BALLOON_CHANGE", 60, lambda e: e["data"]["actual"] == actual)
+    machine.qmp.wait_event("BALLOON_CHANGE", 60, lambda e: e["data"]["actual"] == actual)
 
 
 def prepare_patterns(source: Machine, holder: str) -> None:

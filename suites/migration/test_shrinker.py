@@ -34,7 +34,7 @@ from vballoon.guest.memhog import start_hog
 from vballoon.guest.procfs import GuestMemory, read_guest_memory
 from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
-from vballoon.qemu.migration import balloon_config_u32, monitor
+from vballoon.qemu.migration import balloon_config_u32
 from vballoon.spec import CMD_ID_DONE, ConfigField
 from vballoon.waiting import wait_for
 
@@ -57,7 +57,7 @@ MEMORY_BACK_DEADLINE_S = 30.0
 
 def dirty_syncs(machine: Machine) -> int:
     """The source's dirty-bitmap syncs so far; QEMU issues a new command id after each while the VM runs."""
-    return int(monitor(machine).command("query-migrate")["ram"]["dirty-sync-count"])
+    return int(machine.qmp.command("query-migrate")["ram"]["dirty-sync-count"])
 
 
 def hinting_holds(machine: Machine, before: GuestMemory) -> GuestMemory:
@@ -79,7 +79,6 @@ def hinting_holds(machine: Machine, before: GuestMemory) -> GuestMemory:
 def test_shrinker_returns_hinted_pages_under_pressure(migration_lab: MigrationLab) -> None:
     """While hinting holds the guest's free memory, a memhog larger than MemFree gets its memory with no OOM
     kill, before any DONE; after the cancel the guest is healthy and MemFree is back."""
-    migration_lab.request.node.user_properties.append(("variant", HINTING.name))
     source = migration_lab.boot(HINTING)
     touch_and_free(source, STALE_MIB)
     before = read_guest_memory(source.ssh)

@@ -15,7 +15,6 @@ import pytest
 
 from fixtures.migration import MIGRATION_VARIANTS, MigrationLab, assert_guest_healthy, over
 from vballoon.qemu.machine import Machine
-from vballoon.qemu.migration import monitor
 from vballoon.waiting import wait_for
 
 MIGRATION_TIMEOUT = 60.0
@@ -50,7 +49,7 @@ def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: M
     keep arriving at the same interval; the guest is healthy and reachable over SSH."""
     if source.variant.free_page_hint:
         migration_lab.excuse_lost_writes()
-    source_qmp = monitor(source)
+    source_qmp = source.qmp
     source.host_balloon.set_target(INFLATED_RAM)
     source_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT, lambda e: e["data"]["actual"] == INFLATED_RAM)
     source.host_balloon.set_stats_polling_interval(STATS_INTERVAL_S)
@@ -73,7 +72,7 @@ def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: M
             f"stats on the destination: expected a report every {STATS_INTERVAL_S} s, got last-update times "
             f"{times} (BAL-DRV-ST-3)")
 
-        destination_qmp = monitor(destination)
+        destination_qmp = destination.qmp
         destination.host_balloon.set_target(NEW_TARGET_RAM)
         destination_qmp.wait_event("BALLOON_CHANGE", BALLOON_CHANGE_TIMEOUT,
                                    lambda e: e["data"]["actual"] == NEW_TARGET_RAM)

@@ -46,10 +46,9 @@ from vballoon.fuzz.format import offered_balloon_features
 from vballoon.fuzz.reference_run import run_checked, step_reference
 from vballoon.matrix import Variant
 from vballoon.qemu.balloon import guest_stats_command, query_balloon_command
-from vballoon.qemu.machine import QemuBinary, tail
+from vballoon.qemu.process import ERROR_LINE, QemuBinary, crash_lines, tail
 from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest import QtestExpectationFailed
-from vballoon.qemu.qtest_machine import CRASH_LINE, DEVICE_ERROR_LINE
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.requirements import deviation_for
@@ -195,7 +194,7 @@ class QemuDifferential:
         if self.executor is not None:
             executor, self.executor = self.executor, None
             self.last_executor = executor
-            executor.__exit__(None, None, None)
+            executor.stop()
 
     # --- QEMU's lifecycle ------------------------------------------------------------------
 
@@ -203,7 +202,7 @@ class QemuDifferential:
         """A fresh QEMU; QemuError (one line, with QEMU's stderr) when it dies at start."""
         executor = QemuExecutor(self.qemu, self.variant, self.legacy_interface, self.log_dir, self.record)
         executor.machine.qtest_timeout = QTEST_DEADLINE
-        executor.__enter__()
+        executor.start()
         self.executor, self.last_executor, self.starts = executor, executor, self.starts + 1
         self._stderr_offset = self._stderr_size()
         self._stats_primed = False
@@ -211,14 +210,11 @@ class QemuDifferential:
         return executor
 
     def _stderr_size(self) -> int:
-        stderr = self.executor.machine.logs.stderr if self.executor else None
-        return stderr.stat().st_size if stderr is not None and stderr.exists() else 0
+        return self.executor.machine.mark().stderr if self.executor else 0
 
     def _new_stderr(self) -> str:
         assert self.executor is not None
-        with self.executor.machine.logs.stderr.open("rb") as stderr:
-            stderr.seek(self._stderr_offset)
-            return stderr.read().decode(errors="replace")
+        return self.executor.machine.stderr_since(self._stderr_offset)
 
     def command_line(self) -> str:
         """The command line of the QEMU in use (or last used)."""
@@ -384,10 +380,10 @@ class QemuDifferential:
         of this input that no bit has followed for LOST_BIT_GRACE counts too. The legacy interface has no such
         bit, so stderr is read there."""
         if self.legacy_interface:
-            return bool(DEVICE_ERROR_LINE.search(self._new_stderr()))
+            return bool(ERROR_LINE.search(self._new_stderr()))
         if executor.balloon.driver.status & Status.DEVICE_NEEDS_RESET:
             return True
-        if not DEVICE_ERROR_LINE.search(self._new_stderr()):
+        if not ERROR_LINE.search(self._new_stderr()):
             return False
         now = time.monotonic()
         self._error_line_seen = self._error_line_seen or now
@@ -487,7 +483,7 @@ class QemuDifferential:
         """QEMU's state at the end of the input: `registers` from the last collection, and QMP."""
         machine = executor.machine
         stderr = self._new_stderr()
-        crash = tuple(m.group(0).strip() for m in CRASH_LINE.finditer(stderr))
+        crash = tuple(crash_lines(stderr))
         if crash or machine.process is None or machine.process.poll() is not None:
             return Observation(alive=False, crash=crash or (machine.exit_description(),))
         ops = scenario.operations
@@ -510,7 +506,7 @@ class QemuDifferential:
             events = events[1:]
         return Observation(alive=True, status=registers.status, config=bytes(registers.config), used=tuple(side.used),
                            query_balloon=query_balloon, guest_stats=stats, stats_updated=stats_updated, events=events,
-                           pages=registers.pages, device_errors=len(DEVICE_ERROR_LINE.findall(stderr)))
+                           pages=registers.pages, device_errors=len(ERROR_LINE.findall(stderr)))
 
     @staticmethod
     def _unobserved_as_expected(scenario: Scenario, got: Observation, expected: Observation) -> Observation:
@@ -533,7 +529,7 @@ class QemuDifferential:
         machine = self.executor.machine
         hang = "did not answer" in error and machine.process is not None and machine.process.poll() is None
         stderr_tail = tail(machine.logs.stderr, 20)
-        evidence = [m.group(0).strip() for m in CRASH_LINE.finditer(self._new_stderr())]
+        evidence = crash_lines(self._new_stderr())
         self.close()
         kind = "hang" if hang and not evidence else "crash"
         return Finding(kind, f"QEMU {kind}: {'; '.join(evidence) or error}", (error,), stderr_tail=stderr_tail)

@@ -120,7 +120,7 @@ def differential_input(target_name: str) -> tuple[Callable[[bytes], None], Calla
     from vballoon.fuzz.format import device_byte
     from vballoon.fuzz.targets import DIFFERENTIAL_VARIANT, differential_scenario, target_named
     from vballoon.matrix import Variant
-    from vballoon.qemu.machine import QemuBinary
+    from vballoon.qemu.process import QemuBinary
 
     target_named(target_name)
     qemu = QemuBinary.find(os.environ.get("VBALLOON_QEMU"))

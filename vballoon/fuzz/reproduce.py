@@ -19,7 +19,7 @@ from vballoon.fuzz.differential import QemuDifferential
 from vballoon.fuzz.format import VERSION, load
 from vballoon.fuzz.reference_run import ReferenceFault, run_reference
 from vballoon.fuzz.targets import SCENARIO_FORMAT_TARGETS, TARGETS, Target
-from vballoon.qemu.machine import QemuBinary
+from vballoon.qemu.process import QemuBinary
 from vballoon.scenario.operations import Scenario
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vballoon.guest.health import log_since
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.migration import legacy_config_offset
 
@@ -49,7 +48,6 @@ def reload_driver(vm: Machine) -> None:
 
 def trace_probe_writes(vm: Machine) -> list[ConfigWrite]:
     """Reload the driver with `memory_region_ops_write` traced; the balloon register writes it made."""
-    assert vm.qmp is not None
     start = vm.logs.stderr.stat().st_size
     vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write on"})
     try:
@@ -57,7 +55,7 @@ def trace_probe_writes(vm: Machine) -> list[ConfigWrite]:
     finally:
         vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write off"})
     legacy = vm.variant.transport == "legacy"
-    return balloon_writes(log_since(vm.logs.stderr, start), legacy, legacy_config_offset(vm) if legacy else 0)
+    return balloon_writes(vm.stderr_since(start), legacy, legacy_config_offset(vm) if legacy else 0)
 
 
 def balloon_writes(trace: str, legacy: bool, legacy_config_offset: int = 0) -> list[ConfigWrite]:

@@ -13,10 +13,8 @@ there is, BAL-DRV-OP-1) allows exactly those Call Trace lines, nothing else.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from vballoon.qemu.machine import GUEST_TROUBLE
-
+GUEST_TROUBLE = re.compile(r"(Oops|BUG:|WARNING:|Call Trace|Kernel panic|general protection fault)")
 PAGE_CHECK_TROUBLE = re.compile(r"(pagealloc: memory corruption|Bad page state|Bad page map|page dumped because)")
 MEMORY_REPORT_START = re.compile(r"(invoked oom-killer:|page allocation failure: order:)")
 MEMORY_REPORT_END = re.compile(r"(Out of memory: Killed process|oom_reaper: reaped process|Memory cgroup out of memory"
@@ -38,13 +36,6 @@ def kernel_trouble(log: str, allow_memory_reports: bool = False) -> list[str]:
         if trouble and not (in_memory_report and CALL_TRACE.search(line) and trouble.group(0) == "Call Trace"):
             found.append(line.strip())
     return found
-
-
-def log_since(path: Path, offset: int) -> str:
-    """The text a log file gained after byte `offset`."""
-    with path.open("rb") as log:
-        log.seek(offset)
-        return log.read().decode(errors="replace")
 
 
 def after_marker(log: str, marker: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 
-from vballoon.guest.health import log_since
 from vballoon.qemu.machine import Machine
 from vballoon.spec import PAGE_SIZE
 
@@ -27,7 +26,7 @@ def timed_resize(vm: Machine, target_bytes: int) -> float:
     at the target."""
     start = vm.logs.stderr.stat().st_size
     vm.host_balloon.reach_target(target_bytes)
-    trace = log_since(vm.logs.stderr, start)
+    trace = vm.stderr_since(start)
     commanded = TO_TARGET.search(trace)
     assert commanded is not None, "no timestamped virtio_balloon_to_target line: start QEMU with " \
                                   f"{' '.join(TIMESTAMPED_TRACE_ARGS)} and trace {RESPONSE_TRACE_EVENTS}"

@@ -9,14 +9,13 @@ serial console; anything else falls back to TCG, and the reason is reported.
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vballoon.errors import UsageError
+from vballoon.errors import QemuError, UsageError
 from vballoon.guest.image import GuestImage
-from vballoon.qemu.machine import QemuBinary
+from vballoon.qemu.process import QemuBinary, QemuMachine, log_since
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -49,29 +48,36 @@ def choose_accel(requested: str, qemu: QemuBinary, image: GuestImage) -> AccelCh
     return AccelChoice("tcg", f"KVM probe failed: {detail}")
 
 
+class KvmProbe(QemuMachine):
+    """The image's kernel booting under KVM, with no devices but a serial console."""
+
+    def __init__(self, qemu: QemuBinary, image: GuestImage, log_dir: Path) -> None:
+        super().__init__(qemu, log_dir, keep_transcripts=False)
+        self.image = image
+
+    def _arguments(self) -> list[str]:
+        return ["-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256M", "-no-reboot",
+                "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+                "-append", self.image.kernel_cmdline, "-serial", f"file:{self.logs.serial}"]
+
+    def reached_init(self) -> bool:
+        return self.image.init_marker in log_since(self.logs.serial, 0)
+
+
 def probe_kvm(qemu: QemuBinary, image: GuestImage) -> tuple[bool, str]:
     """Boot the image under KVM without devices; True if the init marker appears in time."""
-    with tempfile.TemporaryDirectory(prefix="vballoon-kvm-probe-") as tmp:
-        serial = Path(tmp) / "serial.log"
-        args = [
-            str(qemu.path), "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256M",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", image.kernel_cmdline, "-serial", f"file:{serial}",
-        ]
-        with subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) as process:
-            try:
-                wait_for(lambda: process.poll() is not None or
-                         (serial.exists() and image.init_marker in serial.read_text(errors="replace")),
-                         KVM_PROBE_DEADLINE, "the KVM probe guest to reach /init")
-            except DeadlineExceeded:
-                process.kill()
-                return False, f"no sign of /init within {KVM_PROBE_DEADLINE:g} s"
-            exited = process.poll()
-            process.kill()
-            _, stderr = process.communicate()
-            if exited is not None and image.init_marker not in serial.read_text(errors="replace"):
-                first = stderr.decode(errors="replace").strip().splitlines()[:1]
-                return False, f"QEMU exited with status {exited}: {first[0] if first else 'no message'}"
-            return True, f"within {KVM_PROBE_DEADLINE:g} s"
+    with tempfile.TemporaryDirectory(prefix="vballoon-kvm-probe-") as logs:
+        probe = KvmProbe(qemu, image, Path(logs))
+        try:
+            with probe:
+                wait_for(lambda: not probe.running() or probe.reached_init(), KVM_PROBE_DEADLINE,
+                         "the KVM probe guest to reach /init")
+                if probe.reached_init():
+                    return True, f"within {KVM_PROBE_DEADLINE:g} s"
+        except DeadlineExceeded:
+            return False, f"no sign of /init within {KVM_PROBE_DEADLINE:g} s"
+        except QemuError:
+            pass  # QEMU exited at start: its status and first stderr line say why
+        first = probe.stderr_since().strip().splitlines()[:1]
+        status = probe.process.returncode if probe.process is not None else "unknown"
+        return False, f"QEMU exited with status {status}: {first[0] if first else 'no message'}"

@@ -4,22 +4,25 @@ QEMU keeps (`guest-stats`) and their polling interval (BAL-DRV-OP-1/2, BAL-DRV-A
 Each QMP command about the balloon is spelled here once, as a `QmpCommand` (name, arguments) that a caller can
 send with others in one batch (`Monitor.try_commands`), and sent by a `HostBalloon` method named as the reference
 device's host side names it (`set_target`, `query_balloon`, ...). Both QEMU machines (a guest's `Machine` and the
-qtest `QtestMachine`) add their balloon with `device_option` and hand out a `HostBalloon` over their monitor.
+qtest `QtestMachine`) add their balloon with `device_args` and hand out a `HostBalloon` over their monitor.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from vballoon.errors import QemuError
+from vballoon.matrix import Variant
 from vballoon.qemu.monitor import Monitor
 from vballoon.qemu.virtio_status import VirtioStatus, parse_status
 from vballoon.spec import STAT_UNSET
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 BALLOON_ID = "balloon0"
+IOTHREAD_ID = "iothread0"
+"""The iothread free page hinting runs on."""
 QOM_PATH = f"/machine/peripheral/{BALLOON_ID}"
 POLLING_INTERVAL_PROPERTY = "guest-stats-polling-interval"
 MIB = 1 << 20
@@ -31,9 +34,11 @@ CONVERGE_DEADLINE_S = 30.0
 QmpCommand = tuple[str, dict[str, Any]]
 
 
-def device_option(properties: Mapping[str, str]) -> str:
-    """The `-device` value of the balloon with `properties` (`Variant.device_properties`)."""
-    return ",".join(["virtio-balloon-pci", f"id={BALLOON_ID}", *(f"{k}={v}" for k, v in properties.items())])
+def device_args(variant: Variant) -> list[str]:
+    """The balloon of `variant` as QEMU arguments, with the iothread free page hinting needs."""
+    iothread = ["-object", f"iothread,id={IOTHREAD_ID}"] if variant.free_page_hint else []
+    properties = (f"{key}={value}" for key, value in variant.device_properties(IOTHREAD_ID).items())
+    return [*iothread, "-device", ",".join(["virtio-balloon-pci", f"id={BALLOON_ID}", *properties])]
 
 
 def target_command(target_bytes: int) -> QmpCommand:

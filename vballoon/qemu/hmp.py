@@ -10,7 +10,6 @@ from vballoon.qemu.machine import Machine
 
 def hmp(vm: Machine, command_line: str) -> str:
     """Run one HMP command; its text output."""
-    assert vm.qmp is not None
     return str(vm.qmp.command("human-monitor-command", **{"command-line": command_line}))
 
 

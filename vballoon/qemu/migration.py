@@ -1,7 +1,8 @@
 """Migrating a running guest: to a second QEMU on this host, or to a file and back.
 
-The destination is a `Machine` of the source's variant, image, memory, trace
-events and extra arguments, started with `-incoming defer`; `migrate-incoming`
+The destination is a `Machine` built from the source's `MachineSpec` (variant,
+image, memory, trace events, extra arguments) with `-incoming defer` and a
+log dir of its own; `migrate-incoming`
 then opens a unix socket in a temp dir (or reads a file through `exec:cat`:
 QEMU 7.2 has no `file:` URI). The source is polled with `query-migrate` until
 the migration completes, fails or passes its deadline; at the deadline it is
@@ -20,7 +21,7 @@ import shutil
 import struct
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -76,20 +77,6 @@ class MigrationOutcome:
                 f"dirty-sync rounds {ram.get('dirty-sync-count')}")
 
 
-def monitor(machine: Machine) -> Monitor:
-    """The machine's QMP monitor; QemuError once the machine was stopped."""
-    if machine.qmp is None:
-        raise QemuError(f"QEMU is not running; {machine.logs.describe()}")
-    return machine.qmp
-
-
-def machine_like(source: Machine, log_dir: Path, incoming: str, paused: bool = False) -> Machine:
-    """A Machine with everything of `source` that must match for a migration, waiting on `incoming`
-    (with `paused`, it stays stopped after the stream is loaded)."""
-    return Machine(source.variant, source.image, source.qemu, source.accel, log_dir, source.memory_mib,
-                   source.trace_events, source.extra_args + (("-S",) if paused else ()), incoming=incoming)
-
-
 class Migration:
     """One migration of `source` into a destination QEMU this object starts and stops.
 
@@ -116,9 +103,9 @@ class Migration:
         try:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="vballoon-migration-"))
             if self.capabilities:
-                monitor(self.source).command("migrate-set-capabilities", capabilities=self._capability_list())
+                self.source.qmp.command("migrate-set-capabilities", capabilities=self._capability_list())
             if self.parameters:
-                monitor(self.source).command("migrate-set-parameters", **self.parameters)
+                self.source.qmp.command("migrate-set-parameters", **self.parameters)
             if not self.via_file:
                 self._start_destination(f"unix:{self._temp_dir / 'migration.sock'}")
         except BaseException:
@@ -132,8 +119,8 @@ class Migration:
     def close(self) -> None:
         """Cancel a migration still running on the source, stop the destination, remove the temp dir."""
         try:
-            if self.source.qmp is not None and self.status() in RUNNING_STATES:
-                monitor(self.source).try_command("migrate_cancel")
+            if self.status() in RUNNING_STATES:
+                self.source.qmp.try_command("migrate_cancel")
                 self._wait_final(CANCEL_TIMEOUT)
         except (QemuError, DeadlineExceeded):
             pass  # the source is stopped by its owner; nothing here must mask the original failure
@@ -145,12 +132,12 @@ class Migration:
                 self._temp_dir = None
 
     def _start_destination(self, uri: str) -> None:
-        destination = machine_like(self.source, self.destination_log_dir, "defer")
+        destination = Machine(replace(self.source.spec, log_dir=self.destination_log_dir, incoming="defer"))
         self.destination = destination
         destination.start()
         if self.capabilities:
-            monitor(destination).command("migrate-set-capabilities", capabilities=self._capability_list())
-        monitor(destination).command("migrate-incoming", uri=uri)
+            destination.qmp.command("migrate-set-capabilities", capabilities=self._capability_list())
+        destination.qmp.command("migrate-incoming", uri=uri)
         self.uri = uri
 
     @property
@@ -173,13 +160,13 @@ class Migration:
         """Begin migrating; returns at once (the source keeps running while RAM is copied)."""
         uri = f"exec:cat > {shlex.quote(str(self.state_file))}" if self.via_file else self.uri
         self.started_at = time.monotonic()
-        monitor(self.source).command("migrate", uri=uri)
+        self.source.qmp.command("migrate", uri=uri)
 
     def status(self) -> str:
         return str(self.query().get("status", "none"))
 
     def query(self) -> dict[str, Any]:
-        return dict(monitor(self.source).command("query-migrate"))
+        return dict(self.source.qmp.command("query-migrate"))
 
     def wait_completed(self, timeout: float) -> MigrationOutcome:
         """Wait until the migration completed; a failure, or no convergence by `timeout`, is MigrationError.
@@ -189,7 +176,7 @@ class Migration:
         try:
             info = self._wait_final(timeout)
         except DeadlineExceeded as error:
-            monitor(self.source).try_command("migrate_cancel")
+            self.source.qmp.try_command("migrate_cancel")
             raise MigrationError(f"the migration did not converge: {error}; {self.describe_logs()}") from None
         outcome = MigrationOutcome(str(info["status"]), time.monotonic() - self.started_at, info)
         if outcome.status != "completed":
@@ -201,8 +188,8 @@ class Migration:
         """`migrate_cancel` and wait until the source says cancelled."""
         # QEMU 10.0 reports the RAM save the cancel cut short ("failed to save SaveStateEntry with id(name):
         # 2(ram): -5"); 7.2 says nothing. Either way it is the cancel's doing, not a fault.
-        self.source.expected_errors.append("failed to save SaveStateEntry")
-        monitor(self.source).command("migrate_cancel")
+        self.source.expect_device_error("failed to save SaveStateEntry")
+        self.source.qmp.command("migrate_cancel")
         info = self._wait_final(CANCEL_TIMEOUT)
         if info["status"] != "cancelled":
             raise MigrationError(f"after migrate_cancel the migration ended {info['status']}, expected cancelled; "
@@ -241,11 +228,11 @@ class Migration:
 
         def running() -> bool:
             destination.check_alive()
-            return monitor(destination).command("query-status")["status"] not in LOADING_STATES
+            return destination.qmp.command("query-status")["status"] not in LOADING_STATES
 
         try:
             wait_for(running, timeout, "the destination to run the guest", interval=0.1,
-                     describe_last=lambda: str(monitor(destination).command("query-status")))
+                     describe_last=lambda: str(destination.qmp.command("query-status")))
         except DeadlineExceeded as error:
             raise MigrationError(f"{error}; {self.describe_logs()}") from None
         return destination
@@ -274,7 +261,7 @@ def balloon_config_u32(machine: Machine, field: ConfigField) -> int:
     access the device's config region like a vCPU would, so the value is
     exactly what the driver sees, with no guest involvement.
     """
-    qmp = monitor(machine)
+    qmp = machine.qmp
     regions = {region["bar"]: region for region in _balloon_pci_regions(qmp)}
     if machine.variant.transport == "legacy":
         address = int(regions[LEGACY_CONFIG_BAR]["address"]) + legacy_config_offset(machine)
@@ -292,7 +279,7 @@ def balloon_config_u32(machine: Machine, field: ConfigField) -> int:
 def legacy_config_offset(machine: Machine) -> int:
     """Where the device config starts in the legacy I/O BAR: after a 20-byte header, or 24 bytes when the device
     has MSI-X (a memory BAR; QEMU 10.0 gives virtio-balloon-pci two vectors, 7.2 none) and Linux enables it."""
-    has_msix = any(region["type"] == "memory" for region in _balloon_pci_regions(monitor(machine)))
+    has_msix = any(region["type"] == "memory" for region in _balloon_pci_regions(machine.qmp))
     return LEGACY_HEADER_MSIX if has_msix else LEGACY_HEADER
 
 
@@ -334,15 +321,15 @@ def pages_differing_after_migration(source: Machine, destination_log_dir: Path, 
     with Migration(source, destination_log_dir, parameters=parameters, via_file=True) as migration:
         migration.start()
         migration.wait_completed(timeout)
-        loaded = machine_like(source, destination_log_dir, "defer", paused=True)
+        loaded = Machine(replace(source.spec, log_dir=destination_log_dir, incoming="defer", paused=True))
         with loaded:
-            monitor(loaded).command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(migration.state_file))}")
-            wait_for(lambda: monitor(loaded).command("query-migrate").get("status") in FINAL_STATES, timeout,
+            loaded.qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(migration.state_file))}")
+            wait_for(lambda: loaded.qmp.command("query-migrate").get("status") in FINAL_STATES, timeout,
                      "the destination to load the saved state", interval=0.1)
             dumps = []
             for name, machine in (("source", source), ("destination", loaded)):
                 dump = migration.work_dir / f"{name}-ram.bin"
-                monitor(machine).command("pmemsave", val=0, size=source.memory_mib << 20, filename=str(dump))
+                machine.qmp.command("pmemsave", val=0, size=source.memory_mib << 20, filename=str(dump))
                 dumps.append(dump)
         return _differing_pages(*dumps)
 
@@ -354,7 +341,7 @@ def pages_absent_from_ram(machine: Machine, expected: Path, work_dir: Path) -> i
     on the destination, wherever the guest kernel keeps it; the guest's health plays no part.
     """
     dump = work_dir / "ram.bin"
-    monitor(machine).command("pmemsave", val=0, size=machine.memory_mib << 20, filename=str(dump))
+    machine.qmp.command("pmemsave", val=0, size=machine.memory_mib << 20, filename=str(dump))
     try:
         present = set(_page_digests(dump))
     finally:

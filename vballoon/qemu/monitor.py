@@ -29,6 +29,8 @@ from vballoon.errors import QemuError
 from vballoon.waiting import wait_for
 
 Event = dict[str, Any]
+ACCEPT_POLL = 0.01
+"""How often `accept` looks whether QEMU is still there."""
 T = TypeVar("T")
 
 
@@ -61,21 +63,44 @@ class Monitor:
                 return await step
         return self._loop.run_until_complete(bounded())
 
-    def accept(self, timeout: float) -> None:
-        """Wait for QEMU to connect to our socket and negotiate capabilities."""
+    def accept(self, timeout: float, alive: Callable[[], bool]) -> None:
+        """Wait for QEMU to connect to our socket and negotiate capabilities; QemuError if it does not within
+        `timeout`, or as soon as `alive` says QEMU has exited."""
+        async def while_alive() -> None:
+            accepting = asyncio.ensure_future(self._qmp.accept())
+            try:
+                while not (await asyncio.wait({accepting}, timeout=ACCEPT_POLL))[0]:
+                    if not alive():
+                        raise ConnectionAbortedError("QEMU exited first")
+                accepting.result()
+            finally:
+                if not accepting.done():
+                    accepting.cancel()
+                    await asyncio.wait({accepting})
+
         try:
-            self._run(self._qmp.accept(), timeout)
+            self._run(while_alive(), timeout)
         except (QMPError, OSError, asyncio.TimeoutError) as error:
-            raise QemuError(f"QEMU did not connect to QMP within {timeout:g} s ({error or 'timeout'})") from None
+            raise QemuError(f"QEMU did not connect to QMP ({str(error) or f'not within {timeout:g} s'})") from None
         greeting = self._qmp.greeting
         self._record("greeting", {"QMP": {"version": greeting.QMP.version, "capabilities": greeting.QMP.capabilities}}
                      if greeting else None)
 
     def command(self, name: str, **arguments: Any) -> Any:
         """Execute a QMP command; a QMP error becomes QemuError with QEMU's text."""
+        return self._execute(name, arguments, self._timeout)
+
+    def quit(self, timeout: float) -> None:
+        """Ask QEMU to exit, waiting at most `timeout` for its answer (it may close the connection first)."""
+        try:
+            self._execute("quit", {}, timeout)
+        except QemuError:
+            pass  # gone already, or not answering: the caller's signals come next
+
+    def _execute(self, name: str, arguments: dict[str, Any], timeout: float) -> Any:
         self._record("command", {"execute": name, "arguments": arguments})
         try:
-            reply = self._run(self._qmp.execute(name, arguments or None), self._timeout)
+            reply = self._run(self._qmp.execute(name, arguments or None), timeout)
         except (QMPError, OSError, asyncio.TimeoutError, EOFError) as error:
             raise QemuError(f"QMP {name}: {self._record_failure(name, error)}") from None
         self._record("return", reply)

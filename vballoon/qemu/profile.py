@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vballoon.errors import QemuError
 from vballoon.matrix import Variant
-from vballoon.qemu.machine import QemuBinary
+from vballoon.qemu.process import QemuBinary
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ, DeviceShape
 from vballoon.spec import STATS

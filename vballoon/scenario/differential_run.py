@@ -80,11 +80,11 @@ class DifferentialRun:
         self.legacy_interface = legacy_interface
 
     def __enter__(self) -> "DifferentialRun":
-        self.qemu.__enter__()
+        self.qemu.start()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.qemu.__exit__(*exc_info)
+        self.qemu.stop()
 
     def step(self, op: Operation) -> Step:
         """Apply `op` to the reference, then to QEMU, and compare what they show."""

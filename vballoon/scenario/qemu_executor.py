@@ -47,7 +47,15 @@ class QemuExecutor:
         self._balloon: QtestBalloon | None = None
 
     def __enter__(self) -> "QemuExecutor":
-        self.machine.__enter__()
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start QEMU and the host driver of its balloon."""
+        self.machine.start()
         try:
             if self.record:
                 self.machine.qtest.recording = self.recording
@@ -57,9 +65,9 @@ class QemuExecutor:
         except BaseException:
             self.machine.stop()
             raise
-        return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def stop(self) -> None:
+        """Stop QEMU (the process core's policy)."""
         self.machine.stop()
 
     @property
