@@ -62,6 +62,7 @@ class Machine(QemuMachine):
     def __init__(self, spec: MachineSpec) -> None:
         super().__init__(spec.qemu, spec.log_dir, spec.trace_events, spec.extra_args)
         self.spec = spec
+        self._expected_console_trouble: list[str] = []
         self.ssh_port = 0
         self._shell: GuestShell | None = None
 
@@ -172,9 +173,14 @@ class Machine(QemuMachine):
     def serial_text(self, since: int = 0) -> str:
         return log_since(self.logs.serial, since)
 
+    def expect_console_trouble(self, text: str) -> None:
+        """Kernel trouble lines containing `text` are the consequence of a deviation the test met: not a problem."""
+        self._expected_console_trouble.append(text)
+
     def problems(self, since: LogMark = FROM_START, allow_memory_reports: bool = False) -> list[str]:
         """QEMU's problems, and kernel trouble on the guest console (memory-exhaustion reports only if allowed)."""
-        console = kernel_trouble(self.serial_text(since.serial), allow_memory_reports)
+        console = [line for line in kernel_trouble(self.serial_text(since.serial), allow_memory_reports)
+                   if not any(text in line for text in self._expected_console_trouble)]
         return super().problems(since) + [f"guest console: {line}" for line in console]
 
     @property
