@@ -8,6 +8,10 @@ MATRIX ?= standard
 HUGEPAGES ?= 0
 # Parallel pytest workers for `make conformance` (each runs one TCG guest at a time).
 JOBS ?= 2
+# `make conformance SHARD=K/N`: run shard K of the run split in N (README "Shards"), its JUnit in
+# reports/junit-shard-K-of-N.xml. Unset, nothing is passed (an exported VBALLOON_SHARD still applies).
+SHARD ?=
+SHARD_ENV = $(if $(SHARD),VBALLOON_SHARD=$(SHARD) VBALLOON_JUNIT=reports/junit-shard-$(subst /,-of-,$(SHARD)).xml)
 PYTHON ?= python3
 PYTEST_ARGS ?=
 APT_PACKAGES := qemu-system-x86 qemu-utils cpio kmod gcc libc6-dev
@@ -19,7 +23,10 @@ help:
 	@echo "make conformance [MATRIX=quick|standard|full]  run the conformance suites, write reports/junit.xml"
 	@echo "make test                                      run vballoon's own tests and the smoke tier"
 	@echo "make conformance HUGEPAGES=600                 also reserve huge pages so +hugetlb variants run"
+	@echo "make conformance SHARD=2/4                     run shard 2 of 4, write reports/junit-shard-2-of-4.xml"
+	@echo "make report-merge [JUNIT_SHARDS=\"a.xml b.xml\"] merge the shards' JUnit files into reports/junit.xml, then the requirement report"
 	@echo "make test-upstream                             the same on Debian 13's QEMU 10.0 and Linux 6.12, and the mixed pairs"
+	@echo "make ci-gitlab-local [VBALLOON_MATRIX=quick]   run ci/gitlab-ci.yml as a QEMU fork's pipeline with gitlab-ci-local"
 	@echo "make bench | lint | image | upstream | clean"
 
 deps:
@@ -41,7 +48,7 @@ test: deps
 	$(TOX) -e py -- $(PYTEST_ARGS)
 
 conformance: deps hugepages
-	VBALLOON_JOBS=$(JOBS) $(TOX) -e conformance -- --matrix $(MATRIX) $(PYTEST_ARGS)
+	$(SHARD_ENV) VBALLOON_JOBS=$(JOBS) $(TOX) -e conformance -- --matrix $(MATRIX) $(PYTEST_ARGS)
 
 hugepages:
 	@if [ "$(HUGEPAGES)" -gt 0 ]; then \
@@ -63,6 +70,11 @@ fuzz: deps
 
 fuzz-corpora:
 	$(PYTHON) fuzz/make_corpora.py
+
+# .clusterfuzzlite/build.sh run without Docker, then every built fuzzer from its seeds (about 5 minutes).
+.PHONY: cflite-check
+cflite-check: deps
+	$(TOX) -e cflite
 
 image: deps
 	$(TOX) -e image
@@ -96,6 +108,22 @@ test-upstream: upstream-deps
 	@mkdir -p reports
 	$(TOX) -qq -e upstream -- --format env $(UPSTREAM_ARGS) > $(UPSTREAM_ENV)
 	env $$(sed -n 's/^VBALLOON_/UPSTREAM_/p' $(UPSTREAM_ENV)) $(TOX) -e upstream-test -- $(PYTEST_ARGS)
+
+# One report from many: the shards' JUnit files (reports/junit-shard-K-of-N.xml, or JUNIT_SHARDS="a.xml b.xml"
+# downloaded elsewhere) merged into reports/junit.xml, then the requirement report and matrix from it.
+JUNIT_SHARDS ?= $(wildcard reports/junit-shard-*.xml)
+
+.PHONY: report-merge
+report-merge:
+	@test -n "$(strip $(JUNIT_SHARDS))" || { echo "vballoon: error: no reports/junit-shard-*.xml; run the shards" \
+	  "(make conformance SHARD=K/N) or pass JUNIT_SHARDS=\"a.xml b.xml\"" >&2; exit 2; }
+	$(TOX) -e report -- $(JUNIT_SHARDS)
+
+# The GitLab CI template (ci/gitlab-ci.yml) run here as a QEMU fork's pipeline, with gitlab-ci-local (installed
+# on first use); VBALLOON_MATRIX and PYTEST_ARGS narrow it: make ci-gitlab-local VBALLOON_MATRIX=quick PYTEST_ARGS='-k boot'
+.PHONY: ci-gitlab-local
+ci-gitlab-local: deps
+	ci/run-gitlab-ci-local
 
 clean:
 	rm -rf .tox reports/logs reports/*.xml reports/*.json reports/*.md .coverage .pytest_cache

@@ -1,6 +1,7 @@
 """The vballoon pytest plugin: options, matrix parametrisation, requirement marks, the requirements property.
 
-Options (see README): --qemu, --kernel, --modules, --accel, --matrix, --variant.
+Options (see README): --qemu, --kernel, --modules, --accel, --matrix, --variant;
+--shard splits a run over machines (fixtures/shards.py).
 A test that takes a `variant` argument runs once per variant of the chosen
 tier (or of the --variant names). A test names the spec statements it checks
 with `@pytest.mark.req("BAL-...")`; unknown IDs stop collection.
@@ -19,7 +20,8 @@ from vballoon.matrix import TIERS, Variant, tier
 from vballoon.requirements import check_marker_args
 from vballoon.session import Session
 
-pytest_plugins = ["fixtures.machines", "fixtures.guest_vm", "fixtures.qtest_device", "fixtures.migration"]
+pytest_plugins = ["fixtures.machines", "fixtures.guest_vm", "fixtures.qtest_device", "fixtures.migration",
+                  "fixtures.run_identity", "fixtures.shards", "fixtures.timeline"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -100,20 +100,25 @@ def junit_matrix_summary(junit: Path) -> tuple[dict[str, int], dict[str, float]]
 def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None, tiers: list[str],
                          out: Path, jobs: int = 2, suites: str = "suites/guest") -> dict[str, object]:
     """Run the guest suites over each tier on `jobs` xdist workers, as `make conformance` does (one variant's
-    tests stay on one worker); record wall time and per-variant cost (boot + tests, summed over workers).
+    tests stay on one worker); record wall time, per-variant cost (boot + tests, summed over workers) and the
+    timeline's summary (each worker's busy and idle seconds, the costliest tests and boots; the run's timeline
+    stays in reports/timeline/matrix-<tier> for `vballoon report timeline`).
 
     Tiers not run this time keep their earlier entry in `out`.
     """
     import subprocess
     import sys
 
+    from vballoon.timeline import read_run, summarise
+
     result: dict[str, object] = json.loads(out.read_text()) if out.exists() else {}
     result.update({"benchmark": "guest-matrix", "suites": suites, "accelerator": accel})
     recorded: dict[str, object] = dict(result.get("tiers", {}))  # type: ignore[call-overload]
     for tier_name in tiers:
         junit = out.parent / f"bench-matrix-{tier_name}.xml"
+        timeline_dir = out.parent / "timeline" / f"matrix-{tier_name}"
         args = [sys.executable, "-m", "pytest", suites, "-q", "-p", "no:cacheprovider", f"--matrix={tier_name}",
-                f"--accel={accel}", f"--junitxml={junit}"]
+                f"--accel={accel}", f"--junitxml={junit}", f"--timeline-dir={timeline_dir}"]
         if jobs > 1:
             args += ["-n", str(jobs), "--dist", "loadgroup"]
         targets = (("qemu", qemu), ("kernel", kernel), ("modules", modules))
@@ -126,6 +131,7 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         recorded[tier_name] = {
             "wall_s": round(wall, 1), "workers": jobs, "target_s": target, "meets_target": target is None or wall <= target,
             "pytest_exit": completed.returncode, "outcomes": outcomes, "per_variant_s": per_variant,
+            "timeline": summarise(read_run(timeline_dir)),
         }
         print(f"{tier_name}: {wall:.0f} s wall (target {target} s), {outcomes}")
     result["tiers"] = recorded

@@ -59,9 +59,46 @@ def _cmd_image_build(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_report_requirements(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.report import run_requirements_report
 
-    text = run_requirements_report(Path(args.junit) if args.junit else None, Path(args.out),
-                                   [Path(r) for r in args.roots])
+    text = run_requirements_report([Path(j) for j in args.junit or ()], Path(args.out),
+                                   [Path(r) for r in args.roots], Path(args.matrix_out))
     print(text)
+    return 0
+
+
+def _cmd_report_costs(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.costs import write_costs
+
+    costs = write_costs([Path(f) for f in args.files], Path(args.out))
+    print(f"{len(costs)} shard units, {sum(costs.values()):.0f} s in all -> {args.out}")
+    return 0
+
+
+def _cmd_report_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.merge import merge_junit, write_merged
+
+    merged = merge_junit([Path(f) for f in args.files])
+    write_merged(merged, Path(args.out))
+    print(merged.summary(Path(args.out)))
+    for problem in merged.problems:
+        print(f"vballoon: problem: {problem}", file=sys.stderr)
+    return 1 if merged.problems else 0
+
+
+def _cmd_report_timeline(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.timeline import read_run, summarise, top_markdown
+    from vballoon.timeline_svg import write_svg
+
+    run = read_run(Path(args.run_dir))
+    summary = summarise(run)
+    write_svg(run, Path(args.out))
+    top = Path(args.top)
+    top.parent.mkdir(parents=True, exist_ok=True)
+    top.write_text(top_markdown(summary))
+    busy = ", ".join(f"{worker} busy {load['busy_s']} s ({load['busy_pct']}%), idle {load['idle_s']} s"
+                     for worker, load in summary["workers"].items())
+    print(f"{args.run_dir}: {summary['wall_s']} s wall, {summary['tests']} tests, {summary['boots']} boots "
+          f"({summary['boot_s']} s); {busy}")
+    print(f"timeline -> {args.out}, costliest tests and boots -> {args.top}")
     return 0
 
 
@@ -85,15 +122,30 @@ def _cmd_fuzz(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.fuzz.harness import FUZZ_DIR
     from vballoon.fuzz.targets import TARGETS
 
+    corpora = Path(args.corpora) if args.corpora else FUZZ_DIR / "corpora"
+    if args.target == "merge":
+        return _fuzz_merge(args, corpora)
+    if args.dirs or args.merge_target:
+        raise UsageError("vballoon fuzz: DIR arguments and --target go with 'vballoon fuzz merge DIR... [--target T]'")
     if args.target is None and not args.report:
         raise UsageError(f"vballoon fuzz: name a target ({', '.join(TARGETS)}) or 'all', or pass --report")
     names = list(TARGETS) if args.target in (None, "all") else [args.target.removeprefix("fuzz_")]
-    runs = [run_target(name, args.time, args.jobs, args.qemu, Path(args.crashes), FUZZ_DIR / "corpora")
+    runs = [run_target(name, args.time, args.jobs, args.qemu, Path(args.crashes), corpora, merge=True)
             for name in names]
     if args.report:
         write_junit(runs, Path(args.junit))
         print(f"fuzz report -> {args.junit}")
     return 1 if any(run.findings or run.errors for run in runs) else 0
+
+
+def _fuzz_merge(args: argparse.Namespace, corpora: Path) -> int:
+    from vballoon.errors import UsageError
+    from vballoon.fuzz.merge import merge
+
+    if not args.dirs:
+        raise UsageError("vballoon fuzz merge: name at least one DIR (a fuzz/ directory of another worker or machine)")
+    merge([Path(d) for d in args.dirs], args.merge_target, corpora, Path(args.crashes), args.qemu)
+    return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace, rest: list[str]) -> int:
@@ -186,11 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     upstream_fetch.set_defaults(handler=_cmd_upstream_fetch)
 
     report = commands.add_parser("report", help="reports").add_subparsers(dest="action", required=True)
-    requirements = report.add_parser("requirements", help="requirement coverage, written to reports/requirements.md")
-    requirements.add_argument("--junit", help="JUnit XML of a run, to show each test's latest result")
+    requirements = report.add_parser("requirements", help="requirement coverage, written to reports/requirements.md; "
+                                                          "with --junit also the requirement x variant matrix")
+    requirements.add_argument("--junit", nargs="+", metavar="FILE",
+                              help="JUnit XML of a run (merged, or its shards), to show each test's latest result")
     requirements.add_argument("--out", default="reports/requirements.md")
+    requirements.add_argument("--matrix-out", default="reports/requirements-matrix.md",
+                              help="where the requirement x variant matrix goes (written with --junit)")
     requirements.add_argument("--roots", nargs="*", default=["suites"], help="test trees to scan for req marks")
     requirements.set_defaults(handler=_cmd_report_requirements)
+    costs = report.add_parser("costs", help="the seconds each shard unit took in a run's JUnit files: the cost "
+                                            "table --shard balances with")
+    costs.add_argument("files", nargs="+", metavar="JUNIT", help="JUnit files of a run, e.g. reports/junit-shard-*.xml")
+    costs.add_argument("--out", required=True, help="the cost table to write, e.g. vballoon/data/variant-cost.toml")
+    costs.set_defaults(handler=_cmd_report_costs)
+    merge = report.add_parser("merge", help="merge the JUnit files of a run's shards into one; exit 1 when a test "
+                                            "is in two files or a shard is missing")
+    merge.add_argument("files", nargs="+", metavar="FILE", help="JUnit files, e.g. reports/junit-shard-*.xml")
+    merge.add_argument("-o", "--out", required=True, help="the merged JUnit file, e.g. reports/junit.xml")
+    merge.set_defaults(handler=_cmd_report_merge)
+    timeline = report.add_parser("timeline", help="a run's timeline: one lane per xdist worker, written to "
+                                                  "reports/timeline.svg and reports/timeline-top.md")
+    timeline.add_argument("run_dir", nargs="?", default="reports/timeline/latest", metavar="RUN_DIR",
+                          help="a run's timeline dir (default: the last pytest run's, reports/timeline/latest)")
+    timeline.add_argument("--out", default="reports/timeline.svg")
+    timeline.add_argument("--top", default="reports/timeline-top.md",
+                          help="where the 15 costliest tests and boots are written")
+    timeline.set_defaults(handler=_cmd_report_timeline)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
     boot = bench.add_parser("boot", help="boot-to-SSH time and QEMU RSS, written to reports/bench-boot.json")
@@ -219,9 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_fuzz.add_argument("--out", default="reports/bench-fuzz.json")
     bench_fuzz.set_defaults(handler=_cmd_bench_fuzz)
 
-    fuzz = commands.add_parser("fuzz", help="run fuzz targets (fuzz/fuzz_*.py); findings go to fuzz/crashes/")
+    fuzz = commands.add_parser("fuzz", help="run fuzz targets (fuzz/fuzz_*.py); findings go to fuzz/crashes/; "
+                                            "'fuzz merge DIR...' merges other workers' corpora and findings")
     fuzz.add_argument("target", nargs="?", help="stats, pfn, hint, report, config, scenario, qemu_differential "
-                                                "or all")
+                                                "or all; or merge")
+    fuzz.add_argument("dirs", nargs="*", metavar="DIR",
+                      help="with merge: fuzz/ directories of other workers or machines (corpora/<target>/, "
+                           "crashes/<target>/)")
+    fuzz.add_argument("--target", dest="merge_target", metavar="T", help="with merge: only this target")
+    fuzz.add_argument("--corpora", help="seeds per target, where new inputs that add coverage are merged "
+                                        "(default: fuzz/corpora)")
     fuzz.add_argument("--time", type=positive_int, default=60, help="seconds per target")
     fuzz.add_argument("--jobs", type=positive_int, default=1, help="fuzzing processes per target")
     fuzz.add_argument("--qemu", help="qemu-system-x86_64 for the differential target (default: on PATH)")

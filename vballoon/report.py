@@ -3,9 +3,11 @@
 Tests are found statically: the `@pytest.mark.req("ID", ...)` marks on test
 functions and classes (a class mark applies to its methods) and module or
 class `pytestmark = pytest.mark.req(...)` assignments, read with `ast` so the
-report needs neither QEMU nor a guest. Results come from a pytest `--junitxml`
-file; a testcase's `requirements` property, when present, takes precedence
-over the static marks.
+report needs neither QEMU nor a guest. Results come from pytest `--junitxml`
+files (one run's, merged or its shards'); a testcase's `requirements`
+property, when present, takes precedence over the static marks. With
+results, the requirement × variant matrix (vballoon/requirement_matrix.py)
+is written beside the report.
 
 A test is named like pytest's JUnit output names it, `classname::function`,
 e.g. `suites.guest.test_boot.TestBoot::test_boot`; parametrised cases
@@ -15,44 +17,17 @@ e.g. `suites.guest.test_boot.TestBoot::test_boot`; parametrised cases
 from __future__ import annotations
 
 import ast
-import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from vballoon.errors import UsageError
-from vballoon.requirements import Requirement, catalogue, check_marker_args, unknown_ids
+from vballoon.junit import DEVIATES, NOT_RUN, OUTCOMES, CaseResult, read_junit, worst
+from vballoon.requirement_matrix import build_matrix, render_matrix
+from vballoon.requirements import Requirement, catalogue, check_marker_args
 
 DEFAULT_REPORT = Path("reports/requirements.md")
 DEFAULT_ROOTS = (Path("suites"),)
-NOT_RUN = "not run"
-DEVIATES = "deviates"
-"""An expected failure: the test saw a known deviation (vballoon/data/known-deviations.toml) whose version
-bounds cover the QEMU or kernel under test."""
-# Worst last: a requirement takes the worst result of its tests. A skip only
-# shows when nothing else ran, since it carries no verdict; a known deviation
-# is worse than a pass and better than a failure.
-OUTCOMES = (NOT_RUN, "skipped", "passed", DEVIATES, "failed", "error")
-REQUIREMENTS_PROPERTY = "requirements"
-QEMU_VERSION_PROPERTY = "qemu_version"
-
-
-def worst(outcomes: Iterable[str]) -> str:
-    """The worst of `outcomes` in the order of OUTCOMES; NOT_RUN for none."""
-    return max(outcomes, key=OUTCOMES.index, default=NOT_RUN)
-
-
-@dataclass(frozen=True)
-class CaseResult:
-    """One `<testcase>` of a JUnit file."""
-
-    case: str
-    test: str
-    outcome: str
-    requirements: tuple[str, ...] | None
-    qemu: str | None = None
-    """QEMU's major.minor from the `qemu_version` property, when the testcase has one."""
 
 
 @dataclass
@@ -64,6 +39,8 @@ class Coverage:
     results: dict[str, str] = field(default_factory=dict)
     deviating_qemus: dict[str, set[str]] = field(default_factory=dict)
     """Test -> the QEMU versions (major.minor) under which it saw a known deviation."""
+    cases: list[CaseResult] = field(default_factory=list)
+    """The testcases the results come from, each once (its last occurrence)."""
 
     def tests_for(self, req_id: str) -> list[str]:
         """The tests that name `req_id`, in discovery order."""
@@ -175,61 +152,6 @@ def marked_tests(roots: Iterable[Path], rootdir: Path) -> dict[str, tuple[str, .
     return found
 
 
-def _outcome(case: ET.Element) -> str:
-    tags = {child.tag for child in case}
-    if "error" in tags:
-        return "error"
-    if "failure" in tags:
-        return "failed"
-    skipped = case.find("skipped")
-    if skipped is not None:
-        return DEVIATES if skipped.get("type") == "pytest.xfail" else "skipped"
-    return "passed"
-
-
-def _qemu_version(case: ET.Element) -> str | None:
-    """'7.2' from a `qemu_version` property such as 'QEMU emulator version 7.2.22 (Debian ...)'."""
-    for prop in case.iterfind("properties/property"):
-        if prop.get("name") == QEMU_VERSION_PROPERTY:
-            match = re.search(r"(\d+)\.(\d+)", prop.get("value", ""))
-            return f"{match[1]}.{match[2]}" if match else None
-    return None
-
-
-def _property_ids(case: ET.Element, junit: Path) -> tuple[str, ...] | None:
-    """The IDs of the testcase's `requirements` property, or None without one."""
-    for prop in case.iterfind("properties/property"):
-        if prop.get("name") == REQUIREMENTS_PROPERTY:
-            ids = tuple(part.strip() for part in prop.get("value", "").split(",") if part.strip())
-            unknown = unknown_ids(ids)
-            if unknown:
-                raise UsageError(f"{junit}: unknown requirement ID {unknown[0]!r} in the "
-                                 f"{REQUIREMENTS_PROPERTY} property of {case.get('name')!r}")
-            return ids
-    return None
-
-
-def read_junit(junit: Path) -> list[CaseResult]:
-    """The testcases of a pytest JUnit XML file, in file order."""
-    try:
-        root = ET.parse(junit).getroot()
-    except FileNotFoundError:
-        raise UsageError(f"{junit}: JUnit file not found") from None
-    except (ET.ParseError, OSError) as err:
-        raise UsageError(f"{junit}: not a readable JUnit XML file ({err})") from None
-    if root.tag not in ("testsuites", "testsuite"):
-        raise UsageError(f"{junit}: not a JUnit XML file (root element <{root.tag}>)")
-    results = []
-    for case in root.iter("testcase"):
-        name = case.get("name", "")
-        function = name.split("[", 1)[0] if name.endswith("]") else name
-        classname = case.get("classname", "")
-        results.append(CaseResult(case=f"{classname}::{name}", test=f"{classname}::{function}",
-                                  outcome=_outcome(case),
-                                  requirements=_property_ids(case, junit), qemu=_qemu_version(case)))
-    return results
-
-
 def _apply_junit(coverage: Coverage, cases: list[CaseResult]) -> None:
     """Attach results; property IDs replace the static marks of their test.
 
@@ -248,19 +170,21 @@ def _apply_junit(coverage: Coverage, cases: list[CaseResult]) -> None:
     for test, ids in from_properties.items():
         coverage.tests[test] = tuple(dict.fromkeys(ids))
     coverage.results = {test: worst(results) for test, results in outcomes.items()}
+    coverage.cases = list(latest.values())
 
 
-def requirement_coverage(test_roots: list[Path], junit: Path | None,
+def requirement_coverage(test_roots: list[Path], junit: Path | Sequence[Path] | None,
                          rootdir: Path | None = None) -> Coverage:
-    """Coverage of the catalogue by the tests under `test_roots`, with `junit` results.
+    """Coverage of the catalogue by the tests under `test_roots`, with the results of one JUnit file or several.
 
     Module names are taken relative to `rootdir` (default: the current
     directory, pytest's rootdir for this project).
     """
     coverage = Coverage(requirements=catalogue(),
                         tests=marked_tests(test_roots, rootdir or Path.cwd()))
-    if junit is not None:
-        _apply_junit(coverage, read_junit(junit))
+    junits = [junit] if isinstance(junit, Path) else list(junit or ())
+    if junits:
+        _apply_junit(coverage, [case for path in junits for case in read_junit(path)])
     return coverage
 
 
@@ -287,9 +211,8 @@ def render_markdown(cov: Coverage) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_requirements_report(cov: Coverage, out: Path = DEFAULT_REPORT) -> str:
-    """Render `cov` to `out` (parents created) and return the markdown."""
-    text = render_markdown(cov)
+def write_markdown(text: str, out: Path) -> str:
+    """Write `text` to `out` (parents created) and return it; a path that cannot be written is one line."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
@@ -298,6 +221,15 @@ def write_requirements_report(cov: Coverage, out: Path = DEFAULT_REPORT) -> str:
     return text
 
 
-def run_requirements_report(junit: Path | None, out: Path, roots: list[Path]) -> str:
-    """`vballoon report requirements`: compute coverage, write `out`, return the text."""
-    return write_requirements_report(requirement_coverage(roots or list(DEFAULT_ROOTS), junit), out)
+def run_requirements_report(junits: Sequence[Path] | None, out: Path, roots: list[Path],
+                            matrix_out: Path | None = None) -> str:
+    """`vballoon report requirements`: write the coverage report to `out` and return its text.
+
+    With results, the requirement × variant matrix is written to `matrix_out` as well.
+    """
+    coverage = requirement_coverage(roots or list(DEFAULT_ROOTS), junits)
+    text = write_markdown(render_markdown(coverage), out)
+    if matrix_out is not None and junits:
+        write_markdown(render_matrix(build_matrix(coverage.cases, coverage.tests, list(coverage.requirements))),
+                       matrix_out)
+    return text

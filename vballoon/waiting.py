@@ -23,11 +23,12 @@ def wait_for(
     what: str,
     interval: float = 0.05,
     describe_last: Callable[[], str] | None = None,
+    max_interval: float = 1.0,
 ) -> T:
     """Call `probe` until it returns something other than None/False, or time out.
 
-    The interval grows from `interval` to at most 1 s so short waits are
-    cheap and long ones do not spin.
+    The interval grows from `interval` to at most `max_interval` (1 s by default) so
+    short waits are cheap and long ones do not spin.
     """
     deadline = time.monotonic() + timeout
     delay = interval
@@ -40,4 +41,4 @@ def wait_for(
             last = f"; last seen: {describe_last()}" if describe_last else ""
             raise DeadlineExceeded(f"timed out after {timeout:g} s waiting for {what}{last}")
         time.sleep(min(delay, deadline - now))
-        delay = min(delay * 1.5, 1.0)
+        delay = min(delay * 1.5, max_interval)

@@ -18,6 +18,9 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "Trace) are allowed in the guest's log, nothing else")
 
 
+# tryfirst: pytest-xdist reads the xdist_group marks in its own pytest_collection_modifyitems, which runs before
+# a conftest's; a mark added after it is ignored and the variant's tests spread over every worker.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Stable-sort this folder's tests by variant, in tier order, keeping each variant's tests in file order,
     except that tests taking `fresh_vm` come last: they end the variant's shared guest."""

@@ -4,7 +4,9 @@ Each target runs as `python fuzz/fuzz_<target>.py` (N jobs sharing one working c
 `fuzz/corpora/<target>/`) for a fixed time, with VBALLOON_FUZZ_KEEP_GOING=1 so a finding is saved and
 fuzzing goes on. libFuzzer's status lines give executions, exec/s and coverage; `vballoon-finding:` lines
 give the findings. Seeds that cannot be read (or, for the scenario-format targets, do not decode strictly)
-are named on one line each and left out; a QEMU that dies at start ends that target with one line.
+are named on one line each and left out; a QEMU that dies at start ends that target with one line. With
+`merge`, the jobs' working corpus is merged into `fuzz/corpora/<target>/` at the end the way `vballoon fuzz
+merge` does (`vballoon.fuzz.merge`): only the inputs that add coverage are kept.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vballoon.errors import DecodeError, UsageError
+from vballoon.errors import DecodeError, UsageError, VballoonError
 from vballoon.fuzz.format import decode
 from vballoon.fuzz.harness import FUZZ_DIR
+from vballoon.fuzz.merge import merge_corpus
 from vballoon.fuzz.targets import SCENARIO_FORMAT_TARGETS, TARGETS
 
 STATUS_LINE = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+).*?exec/s: (\d+)")
@@ -114,8 +117,9 @@ def checked_seeds(target: str, corpora: Path, into: Path, say: Callable[[str], N
 
 
 def run_target(target: str, seconds: int, jobs: int, qemu: str | None, crashes: Path, corpora: Path,
-               say: Callable[[str], None] = print) -> TargetRun:
-    """Fuzz one target for `seconds` with `jobs` processes."""
+               say: Callable[[str], None] = print, merge: bool = False) -> TargetRun:
+    """Fuzz one target for `seconds` with `jobs` processes seeded from `corpora/<target>/`; with `merge`, keep the
+    inputs that add coverage there at the end."""
     if target not in TARGETS:
         raise UsageError(f"unknown fuzz target {target!r}; known: {', '.join(TARGETS)}")
     run = TargetRun(target)
@@ -144,7 +148,21 @@ def run_target(target: str, seconds: int, jobs: int, qemu: str | None, crashes: 
                 process.wait()
                 if process.stdout is not None:
                     process.stdout.close()
+        if merge:
+            _merge_corpus(run, corpus, corpora / target, qemu, say)
     return run
+
+
+def _merge_corpus(run: TargetRun, corpus: Path, into: Path, qemu: str | None, say: Callable[[str], None]) -> None:
+    """Merge the jobs' working corpus into `into`; a failed merge is one of the run's errors."""
+    try:
+        merged = merge_corpus(run.target, [corpus], into, qemu)
+    except VballoonError as error:
+        run.errors.append(str(error))
+        say(f"vballoon: error: {error}")
+        return
+    say(f"fuzz_{run.target}: corpus {into}: {merged.before} -> {merged.after} inputs "
+        f"({merged.offered} new ones offered to libFuzzer's merge)")
 
 
 def _follow(run: TargetRun, processes: list[subprocess.Popen[bytes]], seconds: int, say: Callable[[str], None]) -> None:

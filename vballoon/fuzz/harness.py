@@ -7,8 +7,9 @@ as OSS-Fuzz expects, raised so libFuzzer stops and writes its own artifact; with
 (what `vballoon fuzz` sets) one line `vballoon-finding: KIND PATH SUMMARY` is printed instead and fuzzing
 goes on.
 
-Environment: VBALLOON_QEMU (the QEMU under test), VBALLOON_FUZZ_CRASHES (where findings go),
-VBALLOON_FUZZ_VARIANT and VBALLOON_FUZZ_LEGACY=1 (the differential target's device).
+Environment: VBALLOON_QEMU (the QEMU under test; a frozen target falls back to the QEMU bundled beside it, see
+`vballoon.fuzz.frozen`), VBALLOON_FUZZ_CRASHES (where findings go), VBALLOON_FUZZ_VARIANT and
+VBALLOON_FUZZ_LEGACY=1 (the differential target's device).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
+import pkgutil
 import shutil
 import sys
 import tempfile
@@ -118,12 +120,14 @@ def differential_input(target_name: str) -> tuple[Callable[[bytes], None], Calla
     from vballoon.errors import QemuError
     from vballoon.fuzz.differential import QemuDifferential
     from vballoon.fuzz.format import device_byte
+    from vballoon.fuzz.frozen import qemu_to_test, restore_library_path
     from vballoon.fuzz.targets import DIFFERENTIAL_VARIANT, differential_scenario, target_named
     from vballoon.matrix import Variant
     from vballoon.qemu.process import QemuBinary
 
     target_named(target_name)
-    qemu = QemuBinary.find(os.environ.get("VBALLOON_QEMU"))
+    restore_library_path()
+    qemu = QemuBinary.find(qemu_to_test(os.environ.get("VBALLOON_QEMU")))
     name = os.environ.get("VBALLOON_FUZZ_VARIANT")
     variant = Variant.from_name(name) if name else DIFFERENTIAL_VARIANT
     legacy = os.environ.get("VBALLOON_FUZZ_LEGACY") == "1"
@@ -151,12 +155,24 @@ def differential_input(target_name: str) -> tuple[Callable[[bytes], None], Calla
     return one_input, cleanup
 
 
+def _submodules(path: list[str], prefix: str) -> list[str]:
+    """The modules and packages under the package folders `path`, listed without importing them. pkgutil also lists
+    what a frozen binary (PyInstaller) holds in its archive, where there are no .py files to walk."""
+    names = []
+    for module in pkgutil.iter_modules(path, prefix):
+        names.append(module.name)
+        if module.ispkg:
+            leaf = module.name.rpartition(".")[2]
+            names += _submodules([os.path.join(folder, leaf) for folder in path], module.name + ".")
+    return names
+
+
 def _uninstrumented(target_name: str) -> list[str]:
     """Every vballoon module outside `INSTRUMENTED[target_name]` (atheris includes whole top-level packages),
     found without importing any of them (an imported module is no longer instrumented)."""
-    package = Path(__file__).resolve().parents[1]
-    names = {".".join(("vballoon", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
-             for path in package.rglob("*.py")}
+    import vballoon
+
+    names = {"vballoon", *_submodules(list(vballoon.__path__), "vballoon.")}
     return sorted(names - set(INSTRUMENTED[target_name]))
 
 

@@ -6,11 +6,14 @@ the guest is; a migration destination is the source's spec with `incoming`
 core's (`vballoon.qemu.process`); this kind of machine adds the kernel, the
 serial console, user networking with the SSH port forwarded on 127.0.0.1,
 the RAM backend and the balloon, and reads the console for kernel trouble.
+Its boot's stages after QMP is ready (`kernel` to /init, `init` to sshd,
+`ssh` to SSH connected) go on the run's timeline (vballoon.timeline).
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,8 @@ HOSTFWD_RETRIES = 5
 HOSTFWD_FAILED = "Could not set up host forwarding rule"
 BOOT_TIMEOUT = 90.0
 SSH_TIMEOUT = 30.0
+SERIAL_POLL_S = 0.1
+"""How often the serial console is read while booting: the ready line is noticed (and timed) within this."""
 
 
 @dataclass(frozen=True)
@@ -136,14 +141,20 @@ class Machine(QemuMachine):
     # --- the guest ----------------------------------------------------------------------
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait for the init's ready line on the serial console, then connect SSH."""
+        """Wait for the init's ready line on the serial console, then connect SSH; time the stages."""
+        waiting_since = time.time()
+        seen: dict[str, float] = {}
 
         def ready() -> bool:
             self.check_alive()
-            return self.image.ready_marker in self.serial_text()
+            text = self.serial_text()
+            for marker in (self.image.init_marker, self.image.ready_marker):
+                if marker in text:
+                    seen.setdefault(marker, time.time())
+            return self.image.ready_marker in seen
 
         try:
-            wait_for(ready, timeout, "the guest to start sshd", interval=0.1,
+            wait_for(ready, timeout, "the guest to start sshd", interval=SERIAL_POLL_S, max_interval=SERIAL_POLL_S,
                      describe_last=lambda: repr(tail(self.logs.serial, 3)))
         except DeadlineExceeded as error:
             reached_init = self.image.init_marker in self.serial_text()
@@ -151,7 +162,12 @@ class Machine(QemuMachine):
                 "the kernel never reached /init; check --kernel (a bzImage with virtio drivers) and the serial log"
             raise GuestError(f"{error}: {where}; last serial lines: {tail(self.logs.serial, 5)!r} "
                              f"({self.logs.describe()})") from None
+        sshd_at = seen[self.image.ready_marker]
+        init_at = seen.get(self.image.init_marker, sshd_at)
         self.connect_ssh(SSH_TIMEOUT)
+        self.timeline_record("kernel", waiting_since, init_at)
+        self.timeline_record("init", init_at, sshd_at)
+        self.timeline_record("ssh", sshd_at, time.time())
 
     def connect_ssh(self, timeout: float) -> None:
         """Connect SSH to this QEMU's forwarded port without reading the serial log.

@@ -19,6 +19,9 @@ are such kinds.
   qtest-transcript.txt.
 - QEMU's stderr is read, from any offset, for crash evidence (`CRASH_LINE`)
   and for the errors QEMU printed (`ERROR_LINE`: virtio_error and others).
+- The start (`boot`, with `qemu-start`: launch to QMP ready) and the stop
+  (`qemu-stop`) go on the run's timeline (vballoon.timeline), named after the
+  log folder.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from vballoon import timeline
 from vballoon.errors import QemuError, UsageError
 from vballoon.qemu.monitor import Monitor
 
@@ -211,8 +217,9 @@ class QemuMachine:
         """Launch QEMU and connect to it; if anything fails, what was started is stopped."""
         try:
             self._runtime_dir = Path(tempfile.mkdtemp(prefix="vballoon-qemu-"))
-            self._launch()
-            self._after_launch()
+            with self.timeline_span("boot"):
+                self._launch()
+                self._after_launch()
         except BaseException:
             self.stop()
             raise
@@ -224,6 +231,7 @@ class QemuMachine:
         self._qmp = Monitor(qmp_socket, self.logs.qmp if self.keep_transcripts else None)
         args = self.command_line(qmp_socket)
         self.logs.command_line.write_text(" ".join(args) + "\n")
+        started = time.time()
         with self.logs.stderr.open("ab") as stderr:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                                             preexec_fn=die_with_parent, start_new_session=True)
@@ -231,6 +239,7 @@ class QemuMachine:
             self._qmp.accept(START_TIMEOUT, alive=self.running)
         except QemuError as error:
             raise QemuError(f"{error}; {self.exit_description()}") from None
+        self.timeline_record("qemu-start", started, time.time())
 
     def command_line(self, qmp_socket: Path) -> list[str]:
         """The full QEMU command line, with QMP on `qmp_socket`."""
@@ -241,6 +250,7 @@ class QemuMachine:
     def stop(self) -> None:
         """End QEMU: QMP quit, then SIGTERM, then SIGKILL, each given `stop_timeout`; the runtime dir goes
         whatever happens."""
+        started = time.time()
         try:
             self._before_stop()
             self._end_process()
@@ -248,6 +258,7 @@ class QemuMachine:
             if self._runtime_dir is not None:
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
                 self._runtime_dir = None
+                self.timeline_record("qemu-stop", started, time.time())
 
     def _end_process(self) -> None:
         monitor, self._qmp = self._qmp, None
@@ -259,6 +270,14 @@ class QemuMachine:
                 monitor.close()
             if self.process is not None:
                 wait_or_signal(self.process, self.stop_timeout)
+
+    def timeline_span(self, kind: str) -> AbstractContextManager[None]:
+        """Time the `with` block as a `kind` event of this machine on the run's timeline."""
+        return timeline.span(kind, self.logs.directory.name, machine=type(self).__name__)
+
+    def timeline_record(self, kind: str, start: float, end: float) -> None:
+        """A `kind` event of this machine from `start` to `end` (time.time()) on the run's timeline."""
+        timeline.record(kind, self.logs.directory.name, start, end, machine=type(self).__name__)
 
     @property
     def runtime_dir(self) -> Path:
