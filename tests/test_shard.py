@@ -26,7 +26,7 @@ from vballoon import cli, junit
 from vballoon.costs import DEFAULT_TABLE, HEADER, load_costs, measured_costs, render_costs
 from vballoon.errors import UsageError
 from vballoon.run_identity import COLLECTED, SHARD
-from vballoon.shard import (MIGRATION_UNIT_PREFIX, Shard, assign, case_id, estimated_costs,
+from vballoon.shard import (MIGRATION_UNIT_PREFIX, Shard, assign, case_id, estimated_costs, longest_first,
                             parse_shard, split, unit_of)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +131,20 @@ def test_split_keeps_a_unit_together_in_test_order() -> None:
              "suites.guest.test_b::t[pci-modern]", "suites.guest.test_a::t[pci-legacy]"]
     # pci-modern (2 tests) goes first to shard 1, the other two units to shard 2
     assert split(cases, {}, 2) == [1, 2, 1, 2]
+
+
+def test_longest_first_puts_variants_by_cost_then_single_tests_in_order() -> None:
+    cases = ["suites.device.test_d::t1", "suites.guest.test_a::t[pci-modern]", "suites.guest.test_a::t[pci-legacy]",
+             "suites.device.test_d::t2", "suites.guest.test_b::t[pci-modern]", "suites.guest.test_b::t[pci-legacy]",
+             "suites.guest.test_c::t[pci-legacy]", "suites.guest.test_a::t[pci-modern+doom]",
+             "suites.guest.test_b::t[pci-modern+doom]"]
+    costs = {"pci-modern": 10.0, "pci-legacy": 30.0, "suites.device.test_d::t1": 99.0}
+    # pci-legacy (30 s), pci-modern+doom (unmeasured: 2 tests x the median of 5, 5, 10, 10, 10, 99 s/test = 20 s),
+    # pci-modern (10 s), then the single tests in collection order whatever their cost
+    assert [cases[i] for i in longest_first(cases, costs)] == [
+        cases[2], cases[5], cases[6], cases[7], cases[8], cases[1], cases[4], cases[0], cases[3]]
+    costs["pci-modern"] = 20.0  # a tie with pci-modern+doom: the one that appeared first goes first
+    assert [cases[i] for i in longest_first(cases, costs)][3:7] == [cases[1], cases[4], cases[7], cases[8]]
 
 
 # --- the cost table ------------------------------------------------------------------------------------------------
@@ -259,6 +273,8 @@ class Runs:
     """Runs with bad input, by what they name."""
     empty: Future[Process]
     """Shard 2/2 of a selection of one test, which shard 1/2 has."""
+    loadgroup: Future[tuple[Rows, str]]
+    """The quick tier's collection as `--dist loadgroup` orders it, with another hash seed."""
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +297,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
                                           tmp)
         empty = pool.submit(_pytest, ["--collect-only", "suites/device/test_features.py", "-k", EMPTY_SELECTION,
                                       "--shard", "2/2"], tmp)
-        yield Runs(tiers, standard_shard, standard_junit, xdist, xdist_junit, bad, empty)
+        loadgroup = pool.submit(_collect, "quick", tmp, "--dist", "loadgroup", hash_seed="3")
+        yield Runs(tiers, standard_shard, standard_junit, xdist, xdist_junit, bad, empty, loadgroup)
 
 
 def _expected_unit(nodeid: str | None, variant: str | None, migration_variant: str | None) -> str:
@@ -358,6 +375,22 @@ def test_under_xdist_the_workers_keep_the_same_computed_shard(runs: Runs) -> Non
     assert f"vballoon shard {E2E_XDIST}: {len(expected)} of {len(everything)} tests" in done.stdout.splitlines()
     # the cost table of this run names the units of its tests as the collection does
     assert set(measured_costs([runs.xdist_junit])) == {unit_of(case) for case in expected}
+
+
+def test_under_loadgroup_the_variants_go_out_longest_first(runs: Runs) -> None:
+    """The order pytest-xdist's loadgroup hands out: variants by measured cost, most expensive first, then the
+    single tests in collection order. (Broken on purpose: without the reorder the first variant is the tier's
+    first, pci-modern, not its costliest.)"""
+    (everything, _), (ordered, _) = runs.tiers["quick"].result(), runs.loadgroup.result()
+    assert sorted(map(str, (row[0] for row in ordered))) == sorted(map(str, (row[0] for row in everything)))
+    units = [unit_of(case_id(str(row[0]))) for row in ordered]
+    grouped = [unit for unit, tests in Counter(units).items() if tests > 1]
+    estimate = estimated_costs(Counter(units), load_costs(DEFAULT_TABLE))
+    runs_of_units = [unit for i, unit in enumerate(units) if i == 0 or units[i - 1] != unit]
+    assert runs_of_units[:len(grouped)] == sorted(grouped, key=lambda unit: -estimate[unit]), (
+        f"expected the variants longest first, got {runs_of_units[:len(grouped)]}")
+    singles = [str(row[0]) for row in ordered if unit_of(case_id(str(row[0]))) not in grouped]
+    assert singles == [str(row[0]) for row in everything if unit_of(case_id(str(row[0]))) not in grouped]
 
 
 def test_a_shard_the_split_left_empty_passes(runs: Runs) -> None:

@@ -18,6 +18,11 @@ Units go to shards by LPT: the most expensive first, each onto the shard with
 the least cost so far (then the fewest tests, then the lowest K); units of
 equal cost in name order. Nothing depends on hash order, the host or the
 clock, so every machine computes the same split of the same collection.
+
+Within a run, the same estimates order the work of pytest-xdist's workers
+(`longest_first`): the units of several tests (a variant's shared guest) go
+out most expensive first, so the last to finish is a short one, and the
+single tests come after them in collection order, filling the gaps.
 """
 
 from __future__ import annotations
@@ -125,3 +130,19 @@ def split(cases: Sequence[str], costs: Mapping[str, float], count: int) -> list[
     units = [unit_of(case) for case in cases]
     shards = assign(Counter(units), costs, count)
     return [shards[unit] for unit in units]
+
+
+def longest_first(cases: Sequence[str], costs: Mapping[str, float]) -> list[int]:
+    """Indices of `cases` in the order a worker pool should take them: units of several tests by estimated cost,
+    most expensive first (ties in order of first appearance), then the single-test units in collection order; a
+    unit's tests stay together, in their order."""
+    units = [unit_of(case) for case in cases]
+    tests = Counter(units)
+    estimate = estimated_costs(tests, costs)
+    first_seen = {unit: index for index, unit in reversed(list(enumerate(units)))}
+
+    def rank(unit: str) -> tuple[int, float, int]:
+        grouped = tests[unit] > 1
+        return (0 if grouped else 1, -estimate[unit] if grouped else 0.0, first_seen[unit])
+
+    return sorted(range(len(cases)), key=lambda index: (rank(units[index]), index))
