@@ -14,6 +14,9 @@ SHARD ?=
 SHARD_ENV = $(if $(SHARD),VBALLOON_SHARD=$(SHARD) VBALLOON_JUNIT=reports/junit-shard-$(subst /,-of-,$(SHARD)).xml)
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# `make conformance TESTS='suites/guest/test_x.py::test_y[pci-modern]'`: run these tests (node ids or paths) instead
+# of all of suites/; a failed test prints the line that reruns it so.
+TESTS ?=
 APT_PACKAGES := qemu-system-x86 qemu-utils cpio kmod gcc libc6-dev
 TOX := $(PYTHON) -m tox
 
@@ -48,7 +51,8 @@ test: deps
 	$(TOX) -e py -- $(PYTEST_ARGS)
 
 conformance: deps hugepages
-	$(SHARD_ENV) VBALLOON_JOBS=$(JOBS) $(TOX) -e conformance -- --matrix $(MATRIX) $(PYTEST_ARGS)
+	$(SHARD_ENV) $(if $(TESTS),VBALLOON_TESTS='$(TESTS)') VBALLOON_JOBS=$(JOBS) $(TOX) -e conformance -- \
+	  --matrix $(MATRIX) $(PYTEST_ARGS)
 
 hugepages:
 	@if [ "$(HUGEPAGES)" -gt 0 ]; then \

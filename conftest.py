@@ -18,6 +18,7 @@ import pytest
 from vballoon.errors import VballoonError
 from vballoon.matrix import TIERS, Variant, tier
 from vballoon.requirements import check_marker_args
+from vballoon.rerun import RUN_OPTIONS, rerun_command
 from vballoon.session import Session
 
 pytest_plugins = ["fixtures.machines", "fixtures.guest_vm", "fixtures.qtest_device", "fixtures.migration",
@@ -73,6 +74,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 check_marker_args(mark.args)
             except VballoonError as error:
                 raise pytest.UsageError(f"{item.nodeid}: {error}") from None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failed test names the one command that reruns it alone, with this run's QEMU, kernel and accelerator."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when in ("setup", "call"):
+        options = {name: item.config.getoption(name) for name in RUN_OPTIONS}
+        report.sections.append(("vballoon rerun", rerun_command(item.nodeid, item.config.getoption("--matrix"),
+                                                                 options)))
 
 
 @pytest.fixture(scope="session")
