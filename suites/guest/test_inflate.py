@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import zlib
@@ -11,9 +12,11 @@ import pytest
 from fixtures.qtest_device import expect_conformance
 from vballoon.qemu.host_memory import qemu_memory_bytes
 from vballoon.guest.memhog import run_hog, start_hog
+from vballoon.guest.pfn_trace import TRACE_EVENTS, PfnMessage, inflate_queue, pfn_messages, replay
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.matrix import Variant
 from vballoon.qemu.balloon import MIB
+from vballoon.qemu.hmp import trace_events_on
 from vballoon.qemu.machine import Machine
 from vballoon.session import Session
 from vballoon.spec import PAGE_SIZE, Feature
@@ -24,6 +27,9 @@ RANDOM_WALK_STEPS = 50
 EVENT_DEADLINE_S = 10.0  # BALLOON_CHANGE is rate-limited to one a second; the last value comes after at most 1 s
 RSS_FALL_FRACTION = 0.8
 RSS_DEADLINE_S = 30.0
+# Inflate 64 MiB, deflate 32, inflate 16, deflate the rest: MiB of the balloon after each step.
+TRACED_STEPS_MIB = (64, 32, 48, 0)
+TRACE_DEADLINE_S = 60.0  # QEMU's trace lines reach its stderr file after actual was written; 40k lines under TCG
 SET_CONFIG = re.compile(r"virtio_balloon_set_config actual: (\d+) oldactual: (\d+)")
 
 
@@ -96,6 +102,38 @@ def test_random_walk_of_resizes(shared_vm: Machine, variant: Variant) -> None:
             vm.host_balloon.reach_target(target)
         except AssertionError as error:
             raise AssertionError(f"random walk seed {seed}, step {step}: {error}") from None
+
+
+@pytest.mark.req("BAL-DRV-OP-7", "BAL-DRV-OP-1", "BAL-DRV-OP-2")
+def test_deflates_name_only_pages_whose_inflate_was_acknowledged(shared_vm: Machine) -> None:
+    """QEMU's trace of the balloon queues over four resizes (TRACED_STEPS_MIB), replayed in order: every page QEMU
+    is told to deflate was in the balloon, its inflate already processed and its buffer used (acknowledged) before
+    the deflate's buffer was popped; the counts match the steps. A driver that deflated a page before the inflate
+    naming it was acknowledged would show it deflated outside the balloon (QEMU handles one queue's buffer at a
+    time, in the order it pops them). (Broken on purpose: tests/test_pfn_trace.py replays a deflate popped
+    before its inflate and an inflate named twice.)"""
+    vm, ram = shared_vm, ram_bytes(shared_vm)
+    vm.host_balloon.reach_target(ram)
+    pages_per_mib = MIB // PAGE_SIZE
+    expected = sum(abs(b - a) for a, b in itertools.pairwise((0, *TRACED_STEPS_MIB))) * pages_per_mib
+    with trace_events_on(vm, *TRACE_EVENTS) as start:
+        for balloon_mib in TRACED_STEPS_MIB:
+            vm.host_balloon.reach_target(ram - balloon_mib * MIB)
+
+        def traced() -> list[PfnMessage] | None:
+            messages = pfn_messages(vm.stderr_since(start))
+            return messages if len(messages) >= expected else None
+
+        messages = wait_for(traced, TRACE_DEADLINE_S, f"QEMU to trace {expected} inflate and deflate PFNs",
+                            describe_last=lambda: f"{len(pfn_messages(vm.stderr_since(start)))} traced")
+    first_inflate = TRACED_STEPS_MIB[0] * pages_per_mib
+    inflate = inflate_queue(messages[:first_inflate])
+    balloon: set[int] = set()
+    problems = replay(balloon, messages, inflate)
+    assert not problems and len(messages) == expected and not balloon, (
+        f"BAL-DRV-OP-7: expected {expected} PFNs, each deflate naming a page whose inflate QEMU had acknowledged, "
+        f"and an empty balloon at the end; got {len(messages)} PFNs, {len(balloon)} pages left, problems "
+        f"{problems[:5]}")
 
 
 @pytest.mark.req("BAL-DRV-OP-1")
