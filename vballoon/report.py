@@ -9,6 +9,13 @@ property, when present, takes precedence over the static marks. With
 results, the requirement × variant matrix (vballoon/requirement_matrix.py)
 is written beside the report.
 
+A statement that binds the driver is checked against Linux only by a guest
+or migration test (a real virtio_balloon driver); a device test over qtest
+checks it with vballoon's own host-side driver, usually by breaking it and
+watching the device. The report's "sides" column says which of the two
+checked each statement, and the driver statements no guest test checks are
+listed apart.
+
 A test is named like pytest's JUnit output names it, `classname::function`,
 e.g. `suites.guest.test_boot.TestBoot::test_boot`; parametrised cases
 (`test_boot[pci-modern]`) count towards their function.
@@ -27,6 +34,8 @@ from vballoon.requirement_matrix import build_matrix, render_matrix
 from vballoon.requirements import Requirement, catalogue, check_marker_args
 
 DEFAULT_REPORT = Path("reports/requirements.md")
+SIDES = {"suites.device.": "qtest", "suites.guest.": "linux", "suites.migration.": "linux"}
+"""Test module prefix -> the side it drives the device from: vballoon's host driver over qtest, or Linux."""
 DEFAULT_ROOTS = (Path("suites"),)
 
 
@@ -45,6 +54,12 @@ class Coverage:
     def tests_for(self, req_id: str) -> list[str]:
         """The tests that name `req_id`, in discovery order."""
         return [test for test, ids in self.tests.items() if req_id in ids]
+
+    def sides_for(self, req_id: str) -> list[str]:
+        """The sides ('qtest', 'linux') whose tests name `req_id`, in SIDES order."""
+        tests = self.tests_for(req_id)
+        return [side for side in dict.fromkeys(SIDES.values())
+                if any(test.startswith(prefix) for test in tests for prefix, named in SIDES.items() if named == side)]
 
     def result_for(self, req_id: str) -> str:
         """Worst result of the tests naming `req_id`, or NOT_RUN."""
@@ -193,6 +208,9 @@ def render_markdown(cov: Coverage) -> str:
     counts = {outcome: 0 for outcome in reversed(OUTCOMES)}
     for req_id in cov.requirements:
         counts[cov.result_for(req_id)] += 1
+    driver = [req.id for req in cov.covered if req.binds in ("driver", "both")]
+    on_linux = [req_id for req_id in driver if "linux" in cov.sides_for(req_id)]
+    qtest_only = [req_id for req_id in driver if req_id not in on_linux]
     lines = [
         "# Requirement coverage",
         "",
@@ -201,12 +219,15 @@ def render_markdown(cov: Coverage) -> str:
         "",
         "Results: " + ", ".join(f"{outcome} {count}" for outcome, count in counts.items()),
         "",
-        "| ID | binds | level | testable | tests | result |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"Driver statements checked against Linux: {len(on_linux)} / {len(driver)} covered; checked only with "
+        f"vballoon's host-side driver over qtest: {', '.join(qtest_only) or 'none'}",
+        "",
+        "| ID | binds | level | testable | sides | tests | result |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for req in cov.requirements.values():
         tests = "<br>".join(f"`{test}`" for test in cov.tests_for(req.id)) or "-"
-        lines.append(f"| {req.id} | {req.binds} | {req.level} | {req.testable} "
+        lines.append(f"| {req.id} | {req.binds} | {req.level} | {req.testable} | {', '.join(cov.sides_for(req.id)) or '-'} "
                      f"| {tests} | {cov.describe_result(req.id)} |")
     return "\n".join(lines) + "\n"
 
