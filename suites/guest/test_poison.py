@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vballoon.guest.driver import LINUX_PAGE_POISON_VAL, first_driver_ok, poison_val_written, trace_probe_writes
+from vballoon.guest.driver import (LINUX_PAGE_POISON_VAL, first_driver_ok, poison_val_writes_while_driver_ok,
+                                   poison_val_written, reload_driver, trace_probe_writes, trace_writes)
 from vballoon.guest.memhog import run_hog
 from vballoon.matrix import Variant
 from vballoon.qemu.balloon import MIB
@@ -36,6 +37,27 @@ def test_poison_val_written_before_driver_ok(poison_variant: Variant, shared_vm:
     driver_ok = first_driver_ok(writes)
     assert driver_ok is not None and index is not None and index < driver_ok, (
         f"BAL-DRV-PP-2: expected the poison_val write (#{index}) before the DRIVER_OK status write (#{driver_ok})")
+
+
+@pytest.mark.req("BAL-DRV-PP-3")
+def test_poison_val_is_not_written_while_driver_ok(poison_variant: Variant, shared_vm: Machine) -> None:
+    """With every balloon register write traced across an inflate, a deflate and a driver reload, the only
+    poison_val writes are the new probe's, made before its DRIVER_OK; none while DRIVER_OK is set. (Broken on
+    purpose: counting the reload's writes as made under DRIVER_OK, i.e. ignoring its reset, finds them; the
+    synthetic cases are in tests/test_guest_driver.py.)"""
+    vm, ram = shared_vm, shared_vm.memory_mib * MIB
+
+    def workout() -> None:
+        vm.host_balloon.reach_target(ram - 64 * MIB)
+        vm.host_balloon.reach_target(ram)
+        reload_driver(vm)
+
+    writes = trace_writes(vm, workout)
+    _, probe_write = poison_val_written(writes)
+    assert probe_write is not None, f"expected the reload's probe to write poison_val, saw writes {writes[:12]}"
+    offending = poison_val_writes_while_driver_ok(writes)
+    assert not offending, (f"BAL-DRV-PP-3: expected no poison_val write while DRIVER_OK is set, got "
+                           f"{[writes[i] for i in offending]}")
 
 
 @pytest.mark.req("BAL-DRV-PP-1", "BAL-DRV-OP-6")

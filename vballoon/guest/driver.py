@@ -11,6 +11,7 @@ at 0x12) and the device config after it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vballoon.qemu.machine import Machine
@@ -48,10 +49,15 @@ def reload_driver(vm: Machine) -> None:
 
 def trace_probe_writes(vm: Machine) -> list[ConfigWrite]:
     """Reload the driver with `memory_region_ops_write` traced; the balloon register writes it made."""
+    return trace_writes(vm, lambda: reload_driver(vm))
+
+
+def trace_writes(vm: Machine, action: Callable[[], None]) -> list[ConfigWrite]:
+    """Run `action` with `memory_region_ops_write` traced; the balloon register writes made meanwhile."""
     start = vm.logs.stderr.stat().st_size
     vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write on"})
     try:
-        reload_driver(vm)
+        action()
     finally:
         vm.qmp.command("human-monitor-command", **{"command-line": "trace-event memory_region_ops_write off"})
     legacy = vm.variant.transport == "legacy"
@@ -98,3 +104,15 @@ def poison_val_written(writes: list[ConfigWrite]) -> tuple[int | None, int | Non
 def first_driver_ok(writes: list[ConfigWrite]) -> int | None:
     """Index of the first status write that sets DRIVER_OK."""
     return next((i for i, w in enumerate(writes) if w.what == "status" and w.value & DRIVER_OK), None)
+
+
+def poison_val_writes_while_driver_ok(writes: list[ConfigWrite], driver_ok: bool = True) -> list[int]:
+    """Indices of the config writes touching poison_val (bytes 12-15) while DRIVER_OK was set (BAL-DRV-PP-3):
+    DRIVER_OK as the last status write left it, `driver_ok` before the first."""
+    found = []
+    for index, write in enumerate(writes):
+        if write.what == "status":
+            driver_ok = bool(write.value & DRIVER_OK)
+        elif driver_ok and write.offset < POISON_VAL_OFFSET + 4 and write.offset + write.size > POISON_VAL_OFFSET:
+            found.append(index)
+    return found
