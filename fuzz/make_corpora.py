@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 from vballoon.fuzz.crashes import write_new
@@ -21,10 +22,11 @@ from vballoon.fuzz.targets import DIFFERENTIAL_VARIANT, TARGETS
 from vballoon.matrix import Variant
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
-from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation, ReadConfig, Reset,
-                                          Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig)
-from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, PFN_SHIFT, ConfigField, encode_cmd_id,
-                           encode_pfns, encode_stats)
+from vballoon.scenario.malformed import PACKED_KINDS, SPLIT_KINDS
+from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, Cont, FillPage, MalformedChain, Negotiate, Operation,
+                                          ReadConfig, Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig)
+from vballoon.spec import (CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, PFN_SHIFT, ConfigField, Feature,
+                           encode_cmd_id, encode_pfns, encode_stats, feature_mask)
 
 FUZZ = Path(__file__).resolve().parent
 ALL_FEATURES = 0b111110
@@ -88,16 +90,37 @@ def _scenario_seeds() -> dict[str, tuple[Operation, ...]]:
     }
 
 
+def _malformed_seeds(kinds: tuple[str, ...] = SPLIT_KINDS) -> dict[str, tuple[Operation, ...]]:
+    """Each malformed chain kind of `kinds` on inflateq, then a buffer the device ignores if it broke, and a
+    renegotiation after which it works again; for the split kinds, a loop on deflateq."""
+    negotiate = Negotiate(ALL_FEATURES | feature_mask(Feature.INDIRECT_DESC), 0)
+    pools = encode_pfns(POOL_PFNS[:2])
+    seeds = {f"malformed-{kind}": (*(FillPage(p, 0x5A) for p in POOL_PFNS[:3]), negotiate,
+                                   MalformedChain(INFLATEQ, kind, pools), AddBuffer(INFLATEQ, encode_pfns(POOL_PFNS[2:3])),
+                                   negotiate, AddBuffer(DEFLATEQ, pools))
+             for kind in kinds}
+    if kinds != SPLIT_KINDS:
+        return seeds
+    seeds["malformed-loop-on-deflateq"] = (negotiate, AddBuffer(INFLATEQ, pools), MalformedChain(DEFLATEQ, "loop", pools),
+                                           Reset(), negotiate, AddBuffer(DEFLATEQ, pools))
+    return seeds
+
+
 def scenario_seed(ops: tuple[Operation, ...], variant: Variant = DIFFERENTIAL_VARIANT) -> bytes:
     return encode(Scenario(variant, False, ops))
 
 
 def seeds() -> dict[str, dict[str, bytes]]:
     """target -> seed name -> bytes."""
-    scenarios = {name: scenario_seed(ops) for name, ops in _scenario_seeds().items()}
+    scenarios = {name: scenario_seed(ops) for name, ops in (_scenario_seeds() | _malformed_seeds()).items()}
+    packed = replace(DIFFERENTIAL_VARIANT, packed=True)  # the device byte's bit 6: fuzzing reaches packed rings
+    scenarios |= {f"packed-{name}": scenario_seed(ops, packed) for name, ops in _malformed_seeds(PACKED_KINDS).items()}
     legacy = Variant(transport="transitional")
     scenarios["legacy-interface-actual-bytes"] = encode(Scenario(legacy, True, (
         Negotiate(0b10010), WriteConfig(4, 1, 1), WriteConfig(5, 1, 1), AddBuffer(STATSQ, encode_stats([(0, 1)])))))
+    scenarios["legacy-interface-malformed-nested-indirect"] = encode(Scenario(legacy, True, (
+        Negotiate(0b10 | feature_mask(Feature.INDIRECT_DESC)), MalformedChain(INFLATEQ, "nested-indirect", b"\0\x08\0\0"),
+        AddBuffer(INFLATEQ, encode_pfns(POOL_PFNS[:1])))))
     dev = bytes([EVERY_DEVICE])
     corpora = {
         "scenario": scenarios,

@@ -118,6 +118,7 @@ def test_one_qemu_runs_every_seed_back_to_back_without_findings(tmp_path: Path, 
     behind (BAL-DRV-PP-2 unmet) are not a difference."""
     first = ["hint-short-command-id-while-stopped", "poison-val-written-without-page-poison"]
     paths = [SEEDS / name for name in first] + sorted(p for p in SEEDS.iterdir() if p.name not in first)
+    paths = [path for path in paths if load(path).variant == load(paths[0]).variant]  # one QEMU, one device
     scenarios = [load(path) for path in paths]
     with QemuDifferential(qemu, scenarios[0].variant, False, tmp_path, record=False) as differential:
         findings = {path.name: differential.run(scenario) for path, scenario in zip(paths, scenarios, strict=True)}

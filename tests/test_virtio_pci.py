@@ -129,7 +129,7 @@ def test_waiting_for_an_unused_buffer_times_out(balloon: QtestBalloon) -> None:
         balloon.driver.wait_used(STATSQ, 1, timeout=0.2)
 
 
-@over(TRANSPORTS[3:])
+@over(TRANSPORTS[-1:])
 def test_legacy_queues_have_the_device_size(balloon: QtestBalloon) -> None:
     balloon.driver.negotiate(feature_mask(Feature.STATS_VQ))
     with pytest.raises(UsageError, match="device's size 128"):

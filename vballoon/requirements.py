@@ -18,7 +18,11 @@ from typing import Any, Iterable
 
 from vballoon.errors import UsageError
 
-STATEMENT_COUNT = 65
+BALLOON_STATEMENT_COUNT = 65
+"""Statements of the balloon section (5.5)."""
+VIRTQUEUE_STATEMENT_COUNT = 8
+"""Statements of chapter 2 (device status, virtqueues) the ring-level tests check (IDs VQ-*)."""
+STATEMENT_COUNT = BALLOON_STATEMENT_COUNT + VIRTQUEUE_STATEMENT_COUNT
 BINDS = ("driver", "device", "both")
 LEVELS = ("MUST", "MUST NOT", "SHOULD", "SHOULD NOT", "MAY")
 TESTABLE = ("qtest", "guest", "host+guest", "not-applicable")

@@ -5,7 +5,8 @@ on a QEMU started for it and on the reference, comparing the final config space 
 `actual` against query-balloon and BALLOON_CHANGE: BAL-DRV-ACT-1, BAL-DEV-LEG-ACT), the used entries
 (BAL-LEG-USED), the pool pages after inflate, hint and report (BAL-DEV-OP-1, BAL-DEV-FPH-3, BAL-DEV-FPR-1,
 BAL-DEV-FPR-2), guest-stats (BAL-DEV-ST-1, BAL-DEV-ST-2, BAL-DEV-LEG-ST-FIRST) and device errors and status
-(BAL-DEV-LEG-FEAT-1, BAL-DEV-FPH-1). Those are the requirements `vballoon.scenario.judge.compare` names,
+(BAL-DEV-LEG-FEAT-1, BAL-DEV-FPH-1; after a malformed chain VQ-DEV-STATUS-1, or VQ-DEV-PACKED-1 for a packed ring's
+descriptor of the previous lap). Those are the requirements `vballoon.scenario.judge.compare` names,
 so they are the ones this replay checks. A crash file that still reproduces fails with its evidence; known
 deviations of this QEMU are excluded by name, as in the fuzzer.
 """
@@ -26,7 +27,7 @@ INPUTS = crash_files(FUZZ / "crashes") + crash_files(FUZZ / "corpora")
 
 @pytest.mark.req("BAL-CFG-LEG-LE", "BAL-DRV-ACT-1", "BAL-DEV-LEG-ACT", "BAL-LEG-USED", "BAL-DEV-OP-1", "BAL-DEV-FPH-3",
                  "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-ST-1", "BAL-DEV-ST-2", "BAL-DEV-LEG-ST-FIRST",
-                 "BAL-DEV-LEG-FEAT-1", "BAL-DEV-FPH-1")
+                 "BAL-DEV-LEG-FEAT-1", "BAL-DEV-FPH-1", "VQ-DEV-STATUS-1", "VQ-DEV-PACKED-1")
 @pytest.mark.parametrize("saved", INPUTS, ids=[str(p.relative_to(FUZZ)) for p in INPUTS])
 def test_saved_input_conforms(session: Session, saved: Path) -> None:
     """QEMU's observations of a saved input stay within the reference's allowed outcomes."""

@@ -32,8 +32,10 @@ from vballoon.session import Session
 from vballoon.spec import (BALLOON_FEATURES, CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature,
                            encode_cmd_id, encode_pfns, encode_stats, feature_mask, has_feature)
 from vballoon.scenario.differential_run import DifferentialRun
-from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation, ReadConfig, Reset,
-                                          SetPollingInterval, SetTarget, Stop, WriteConfig, scenario_to_json)
+from vballoon.scenario.malformed import INDIRECT_KINDS, MALFORMED_QUEUES, kinds_for
+from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, Cont, FillPage, MalformedChain, Negotiate, Operation,
+                                          ReadConfig, Reset, SetPollingInterval, SetTarget, Stop, WriteConfig,
+                                          scenario_to_json, uses_packed_rings)
 
 DIFFERENTIAL_SETTINGS = settings(max_examples=25, stateful_step_count=15, deadline=None, derandomize=True,
                                  database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -59,8 +61,10 @@ def differential_machine(session: Session, case: DeviceVariant,
     Each example's QEMU logs live in a temporary directory removed with it:
     a failure carries its reproducer in the message.
     """
-    offered_balloon_bits = [bit for bit in BALLOON_FEATURES
+    offered_balloon_bits = [bit for bit in (*BALLOON_FEATURES, Feature.INDIRECT_DESC)
                             if bit in case.variant.offered_features() and bit != Feature.MUST_TELL_HOST]
+    malformed_kinds = kinds_for(uses_packed_rings(case.variant, case.legacy_interface))
+    malformed_setup = {bit for bit in offered_balloon_bits if bit in (Feature.STATS_VQ, Feature.INDIRECT_DESC)}
 
     class DifferentialMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -144,6 +148,17 @@ def differential_machine(session: Session, case: DeviceVariant,
         def report_buffer(self, pages: list[int]) -> None:
             self.apply(AddBuffer(REPORTING_VQ, in_pfns=tuple(pages)))
 
+        @rule(queue=st.sampled_from(MALFORMED_QUEUES), kind=st.sampled_from(malformed_kinds), pfns=pfn_lists)
+        def malformed_chain(self, queue: str, kind: str, pfns: list[int]) -> None:
+            """A chain that breaks a ring rule of the ring layout (VQ-DEV-STATUS-1, VQ-DEV-PACKED-1); indirect tables
+            only with INDIRECT_DESC. A device not negotiated yet is negotiated first (STATS_VQ, INDIRECT_DESC where
+            offered): without it the rule would wait on `negotiate`, and a run's few examples met few chains."""
+            if self.features is None:
+                self.negotiate(malformed_setup)
+            assert self.features is not None
+            if kind not in INDIRECT_KINDS or has_feature(self.features, Feature.INDIRECT_DESC):
+                self.apply(MalformedChain(queue, kind, encode_pfns(pfns)))
+
         @rule(seconds=polling_intervals)
         def set_polling_interval(self, seconds: int) -> None:
             self.apply(SetPollingInterval(seconds))
@@ -165,7 +180,8 @@ def differential_machine(session: Session, case: DeviceVariant,
 
 
 @pytest.mark.req("BAL-DEV-OP-1", "BAL-LEG-USED", "BAL-CFG-LEG-LE", "BAL-DRV-ACT-1", "BAL-DEV-ST-1", "BAL-DEV-ST-2",
-                 "BAL-DEV-FPH-3", "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-LEG-ACT", "BAL-DEV-LEG-ST-FIRST")
+                 "BAL-DEV-FPH-3", "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-LEG-ACT", "BAL-DEV-LEG-ST-FIRST",
+                 "VQ-DEV-STATUS-1", "VQ-DEV-PACKED-1")
 @over(CASES)
 def test_qemu_stays_within_the_reference(session: Session, device_variant: DeviceVariant) -> None:
     """Every generated scenario's observations on QEMU are among the reference device's allowed outcomes."""

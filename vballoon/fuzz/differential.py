@@ -54,13 +54,14 @@ from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTIN
 from vballoon.requirements import deviation_for
 from vballoon.scenario.judge import Difference, compare
 from vballoon.scenario.observation import Answer, Observation
-from vballoon.scenario.operations import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont, HostRequest,
-                                          Negotiate, Operation, ReadConfig, Reset, Scenario, SetPollingInterval,
-                                          SetTarget, Stop, WriteConfig, queues_used, touches_poison_val)
+from vballoon.scenario.operations import (BUFFERS, HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, AddBuffer, Cont,
+                                          HostRequest, MalformedChain, Negotiate, Operation, ReadConfig, Reset, Scenario,
+                                          SetPollingInterval, SetTarget, Stop, WriteConfig, queues_used,
+                                          touches_poison_val)
 from vballoon.scenario.qemu_executor import QemuExecutor
 from vballoon.scenario.reference_executor import ReferenceExecutor
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, ConfigField, Status, decode_pfns
-from vballoon.virtqueue import SplitLayout, VirtqueueError
+from vballoon.virtqueue import VirtqueueError
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 QTEST_DEADLINE = 5.0
@@ -132,7 +133,7 @@ def _gives_away_driver_memory(scenario: Scenario) -> bool:
     """Whether the input inflates or reports a page its driver still uses (BAL-DRV-OP-6 forbids it; QEMU
     then discards live rings, which the reference's RAM model does not do)."""
     for op in scenario.operations:
-        if isinstance(op, AddBuffer) and op.queue in (INFLATEQ, REPORTING_VQ):
+        if isinstance(op, BUFFERS) and op.queue in (INFLATEQ, REPORTING_VQ):
             pfns = (*decode_pfns(op.out).pfns, *op.in_pfns) if op.queue == INFLATEQ else op.in_pfns
             if any(pfn in region for pfn in pfns for region in DRIVER_MEMORY):
                 return True
@@ -144,7 +145,7 @@ def _pool_pages_named(ops: tuple[Operation, ...]) -> list[int]:
     ones a device has the address of, so the only ones observed (each read is 4 KiB over qtest)."""
     named: set[int] = set()
     for op in ops:
-        if isinstance(op, AddBuffer):
+        if isinstance(op, BUFFERS):
             named.update(op.in_pfns)
             if op.queue in (INFLATEQ, DEFLATEQ):
                 named.update(decode_pfns(op.out).pfns)
@@ -298,7 +299,7 @@ class QemuDifferential:
     def _run(self, executor: QemuExecutor, scenario: Scenario) -> Finding | None:
         self._error_line_seen = 0.0
         reference = ReferenceExecutor(self.variant, self.legacy_interface, executor.machine.ram_bytes,
-                                       qemu_profile(self.qemu).device_shape)
+                                       qemu_profile(self.qemu).device_shape, follow_device=True)
         if self._stats_primed:
             run_checked(reference, tuple(self._priming()))
         expected_side, got_side = _Side(), _Side()
@@ -320,7 +321,10 @@ class QemuDifferential:
                         queues = queues_used(ops, position + 1) if isinstance(op, Negotiate) else None
                         expected_side.answers.append(step_reference(reference, op, queues))
                         self._apply_on_qemu(executor, op, got_side, queues)
-                        if isinstance(op, AddBuffer):
+                        if isinstance(op, MalformedChain) and reference.unsettled:  # QEMU's outcome, where allowed
+                            reference.settle(not reference.device.broken
+                                             and executor.malformed_outcome(USED_DEADLINE))
+                        if isinstance(op, BUFFERS):
                             touched.add(op.queue)
                             if op.queue == FREE_PAGE_VQ and len(reference.device.errors) > errors_before:
                                 self._await_hint_error(executor)
@@ -435,17 +439,18 @@ class QemuDifferential:
         `pool_pages` (the input's last collection) QEMU's status, config space and those pages are read in the
         same round trip as the used rings, and returned."""
         ref_entries = [(name, e.id, e.length) for name, queue in reference.driver.queues.items()
-                       for e in queue.collect_used()]
+                       if name not in reference.abandoned for e in queue.collect_used()]
         expected_side.used += ref_entries
         queues = executor.balloon.driver.queues
         names = executor.queue_names
         # QEMU holds free page hints while the VM is stopped (block_iothread): waiting for them is in vain
+        touched = touched - executor.abandoned  # their used rings no longer follow the driver
         wanted = {name: sum(1 for entry in ref_entries if entry[0] == name) for name in touched
                   if reference.running or name != FREE_PAGE_VQ}
         found: list[tuple[str, int, int]] = []
 
         layouts = [queues[names.index(name)].layout for name in touched if names.index(name) in queues]
-        used_rings = [(layout.used, SplitLayout.used_bytes(layout.size)) for layout in layouts]
+        used_rings = [layout.collect_range for layout in layouts]
         registers = None if pool_pages is None else _Registers()
         pages = [(pfn << PFN_SHIFT, PAGE_SIZE) for pfn in pool_pages or ()]
         qtest = executor.machine.qtest

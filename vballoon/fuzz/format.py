@@ -1,16 +1,18 @@
 """The fuzz input format: a versioned, compact binary encoding of a `vballoon.scenario.operations.Scenario`.
 
-Layout of version 2 (all integers little endian):
+Layout of version 3 (all integers little endian):
 
-    byte 0      format version (2; version 1 files still decode, see below)
+    byte 0      format version (3; version 1 and 2 files still decode, see below)
     byte 1      device: bits 0-1 interface (0 pci-modern, 1 pci-transitional, 2 pci-transitional used
                 through its legacy interface, 3 pci-legacy), bit 2 deflate-on-oom, bit 3 free-page-hint,
-                bit 4 free-page-reporting, bit 5 page-poison off; bits 6-7 reserved (0)
+                bit 4 free-page-reporting, bit 5 page-poison off, bit 6 packed ring (packed=on; not on the
+                legacy-only transport); bit 7 reserved (0)
     then operations, each an opcode byte (low nibble: kind, high nibble: a small argument) and fields:
 
-    (kind by low nibble: 14 Negotiate, 1 host request, 2, 7 and 13 WriteConfig, 0, 3 and 15 ReadConfig, 4, 6, 8
-    and 10-12 AddBuffer, 5 FillPage, 9 Reset; the encoder writes the first code)
-    Negotiate             arg bit 0: poison_val follows; u8 balloon feature bits 0-5; [u32 poison_val]
+    (kind by low nibble: 14 Negotiate, 1 host request, 2, 7 and 13 WriteConfig, 0, 3 and 15 ReadConfig, 4, 6, 8,
+    10 and 11 AddBuffer, 12 MalformedChain, 5 FillPage, 9 Reset; the encoder writes the first code)
+    Negotiate             arg bit 0: poison_val follows; u8 balloon feature bits 0-5, bit 6 INDIRECT_DESC;
+                          [u32 poison_val]
     host request          arg (0-3) says which, with its fields:
       0 SetTarget           zigzag LEB128 pages_below_ram
       1 SetPollingInterval  zigzag LEB128 seconds
@@ -20,8 +22,15 @@ Layout of version 2 (all integers little endian):
     AddBuffer             arg: index into the queues usable now (inflateq, deflateq, statsq, then free_page_vq
                           and reporting_vq when their feature is negotiated); LEB128 out length, out bytes;
                           u8 count of device-writable pages (0-4), one PFN selector each
+    MalformedChain        arg bit 0: queue (inflateq, deflateq), bits 1-3: kind (`MALFORMED_KINDS`, modulo its
+                          length; the device's ring layout has some of them); LEB128 out length, out bytes (one
+                          zero byte when empty)
     FillPage              arg: pool page (0-7); u8 byte
     Reset                 no fields
+
+Version 2 differs from version 3 in three places: code 12 is AddBuffer, bit 6 of Negotiate's feature byte is
+ignored, and bit 6 of the device byte is reserved (ignored; refused by `load`). A malformed chain of the other
+ring layout's kinds, or one built of indirect tables without INDIRECT_DESC negotiated, is dropped.
 
 Version 1 differs only in its opcode table: 0 and 15 Negotiate, 1 SetTarget, 6 SetPollingInterval, 7 Stop,
 8 Cont, 14 ReadConfig, 2 and 13 WriteConfig, 4 and 10-12 AddBuffer. Its runs of 0x00 and 0xff, which
@@ -52,13 +61,15 @@ from pathlib import Path
 from vballoon.errors import DecodeError
 from vballoon.matrix import Variant
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, QUEUE_MAX_SIZES, REPORTING_VQ, STATSQ
+from vballoon.scenario.malformed import INDIRECT_KINDS, MALFORMED_KINDS, MALFORMED_QUEUES, kinds_for, ring_descriptors
 from vballoon.scenario.operations import (HOST_REQUESTS, POOL_FIRST_PFN, POOL_PAGES, POOL_PFNS, AddBuffer,
-                                          Cont, FillPage, HostRequest, Negotiate, Operation, ReadConfig, Reset, Scenario,
-                                          SetPollingInterval, SetTarget, Stop, WriteConfig)
+                                          Cont, FillPage, HostRequest, MalformedChain, Negotiate, Operation, ReadConfig,
+                                          Reset, Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig,
+                                          uses_packed_rings)
 from vballoon.spec import BALLOON_FEATURES, Feature, feature_mask, has_feature
 
-VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 INTERFACES: tuple[tuple[str, bool], ...] = (("modern", False), ("transitional", False), ("transitional", True),
                                             ("legacy", True))
 """(transport, legacy_interface) by the device byte's bits 0-1."""
@@ -69,14 +80,16 @@ class HostRequestKind:
 
 
 KINDS: tuple[type, ...] = (ReadConfig, HostRequestKind, WriteConfig, ReadConfig, AddBuffer, FillPage, AddBuffer,
-                           WriteConfig, AddBuffer, Reset, AddBuffer, AddBuffer, AddBuffer, WriteConfig, Negotiate,
+                           WriteConfig, AddBuffer, Reset, AddBuffer, AddBuffer, MalformedChain, WriteConfig, Negotiate,
                            ReadConfig)
 """Operation kind by opcode low nibble: buffers and config accesses get most codes, host requests (a QMP round
-trip each) and negotiations (a device reset and five queue setups) one each."""
+trip each), negotiations (a device reset and five queue setups) and malformed chains (a device error, mostly,
+which ends what the device does until the next negotiation) one each."""
+VERSION_2_KINDS: tuple[type, ...] = KINDS[:12] + (AddBuffer,) + KINDS[13:]
 VERSION_1_KINDS: tuple[type, ...] = (Negotiate, SetTarget, WriteConfig, ReadConfig, AddBuffer, FillPage,
                                      SetPollingInterval, Stop, Cont, Reset, AddBuffer, AddBuffer, AddBuffer,
                                      WriteConfig, ReadConfig, Negotiate)
-KINDS_BY_VERSION = {1: VERSION_1_KINDS, 2: KINDS}
+KINDS_BY_VERSION = {1: VERSION_1_KINDS, 2: VERSION_2_KINDS, 3: KINDS}
 OPCODES_BY_VERSION: dict[int, tuple[tuple[type, int], ...]] = {
     version: tuple((kinds[opcode & 0x0F], opcode >> 4) for opcode in range(256))
     for version, kinds in KINDS_BY_VERSION.items()}
@@ -111,13 +124,36 @@ INTERESTING_PFNS: tuple[int, ...] = (0, 1, 0xFF, 0x100, RAM_PAGES - 1, RAM_PAGES
 bit 31 set (sign-extended before QEMU 4.1), the largest signed and unsigned PFNs."""
 NEGOTIABLE = feature_mask(*(bit for bit in BALLOON_FEATURES if bit != Feature.MUST_TELL_HOST))
 """QEMU never offers MUST_TELL_HOST; unoffered bits are masked so FEATURES_OK always holds."""
-DEVICE_RESERVED_BITS = 0xC0
+INDIRECT_BIT = 0x40
+"""Bit 6 of Negotiate's feature byte (version 3): INDIRECT_DESC."""
+_INDIRECT = feature_mask(Feature.INDIRECT_DESC)
+PACKED_BIT = 0x40
+"""Bit 6 of the device byte (version 3): packed=on."""
+DEVICE_RESERVED_BITS = 0x80
+VERSION_2_DEVICE_RESERVED_BITS = 0xC0
 
 
 @functools.lru_cache(maxsize=256)
 def offered_balloon_features(variant: Variant) -> int:
     """The balloon feature bits QEMU 7.2 and 10.0 offer for `variant` (the reference's), without MUST_TELL_HOST."""
     return variant.reference_properties().offered_features & NEGOTIABLE
+
+
+@functools.lru_cache(maxsize=256)
+def negotiable_features(variant: Variant) -> int:
+    """What a Negotiate of a scenario may accept for `variant`: `offered_balloon_features` and INDIRECT_DESC when
+    offered."""
+    return variant.reference_properties().offered_features & (NEGOTIABLE | _INDIRECT)
+
+
+def features_from_byte(byte: int, version: int) -> int:
+    """The features Negotiate's feature byte asks for (bit 6, INDIRECT_DESC, from version 3 on)."""
+    return byte & NEGOTIABLE | (_INDIRECT if byte & INDIRECT_BIT and version >= 3 else 0)
+
+
+def features_byte(features: int) -> int:
+    """The inverse of `features_from_byte` for version 3."""
+    return features & NEGOTIABLE | (INDIRECT_BIT if features & _INDIRECT else 0)
 
 
 # --- the device byte ---------------------------------------------------------------
@@ -131,15 +167,17 @@ def device_byte(variant: Variant, legacy_interface: bool) -> int:
         raise DecodeError(f"variant {variant.name} has no {'legacy' if legacy_interface else 'modern'} "
                           "interface") from None
     return (interface | variant.deflate_on_oom << 2 | variant.free_page_hint << 3
-            | variant.free_page_reporting << 4 | (not variant.page_poison) << 5)
+            | variant.free_page_reporting << 4 | (not variant.page_poison) << 5 | variant.packed << 6)
 
 
-@functools.lru_cache(maxsize=256)
-def device_from_byte(byte: int) -> tuple[Variant, bool]:
-    """The variant and interface byte 1 names (reserved bits ignored); cached, as every input asks."""
+@functools.lru_cache(maxsize=512)
+def device_from_byte(byte: int, packed_bit: bool = False) -> tuple[Variant, bool]:
+    """The variant and interface byte 1 names, bit 6 (packed) only with `packed_bit` (version 3) and not on the
+    legacy-only transport, reserved bits ignored; cached, as every input asks."""
     transport, legacy_interface = INTERFACES[byte & 3]
     return Variant(transport=transport, deflate_on_oom=bool(byte & 4), free_page_hint=bool(byte & 8),
-                   free_page_reporting=bool(byte & 16), page_poison=not byte & 32), legacy_interface
+                   free_page_reporting=bool(byte & 16), page_poison=not byte & 32,
+                   packed=packed_bit and bool(byte & PACKED_BIT) and transport != "legacy"), legacy_interface
 
 
 # --- validity: what both executors can run ------------------------------------------
@@ -179,8 +217,10 @@ class ScenarioState:
     descriptors: dict[str, int] = field(default_factory=dict)
     host_requests_left: int | None = MAX_HOST_REQUESTS
     """Host requests still admitted (None: no limit, as in version 1)."""
+    packed_rings: bool = False
+    """Negotiations take the packed layout (`uses_packed_rings`): the malformed chains are the packed kinds."""
     _offered: int | None = field(default=None, init=False, repr=False, compare=False)
-    """`offered_balloon_features(variant)` once a Negotiate asked for it."""
+    """`negotiable_features(variant)` once a Negotiate asked for it."""
 
     def usable_queues(self) -> tuple[str, ...]:
         """Queues a buffer may go to now (none before Negotiate)."""
@@ -204,6 +244,9 @@ class ScenarioState:
             if admitted is None:
                 return None
             return op if admitted == (op.out, op.in_pfns) else AddBuffer(op.queue, *admitted)
+        if kind is MalformedChain:
+            out = self.malformed_fields(op.queue, op.kind, op.out)
+            return None if out is None else op if out == op.out else MalformedChain(op.queue, op.kind, out)
         if kind is Reset:
             self.features, self.descriptors = None, {}
         elif kind in HOST_REQUESTS:
@@ -213,7 +256,7 @@ class ScenarioState:
     def negotiate(self, features: int) -> int:
         """The features a Negotiate of `features` gets (the offered ones), now the state's."""
         if self._offered is None:
-            self._offered = offered_balloon_features(self.variant)
+            self._offered = negotiable_features(self.variant)
         self.features, self.descriptors = features & self._offered, {}
         return self.features
 
@@ -227,6 +270,22 @@ class ScenarioState:
         if isinstance(op, SetPollingInterval) and 0 < op.seconds < MIN_POLL_SECONDS:
             return SetPollingInterval(MIN_POLL_SECONDS)
         return op
+
+    def malformed_fields(self, queue: str, kind: str, out: bytes) -> bytes | None:
+        """The out bytes of a malformed chain made runnable (one zero byte if empty), its ring descriptors counted;
+        None to drop it: a queue that takes none or is not usable now, a kind of the other ring layout, indirect
+        tables without INDIRECT_DESC, or too few descriptors left."""
+        if queue not in MALFORMED_QUEUES or queue not in _usable_queues(self.features) or \
+                kind not in kinds_for(self.packed_rings):
+            return None
+        assert self.features is not None
+        if kind in INDIRECT_KINDS and not self.features & _INDIRECT:
+            return None
+        used = self.descriptors.get(queue, 0) + ring_descriptors(kind)
+        if used > QUEUE_LIMITS[queue]:
+            return None
+        self.descriptors[queue] = used
+        return out or bytes(1)
 
     def config_write(self, offset: int, width: int, value: int) -> WriteConfig | None:
         """The config write made runnable: aligned; None before Negotiate."""
@@ -298,9 +357,9 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     return value, end
 
 
-def _buffer(buf: bytes, pos: int, length: int, state: ScenarioState, arg: int,
-            strict: bool) -> tuple[AddBuffer | None, int]:
-    """The AddBuffer whose fields start at `pos` (`arg`: its opcode's), admitted, and the position after it."""
+def _out_bytes(buf: bytes, pos: int, length: int, strict: bool) -> tuple[bytes, int]:
+    """A LEB128 length and that many bytes at `pos` (at most MAX_OUT_BYTES, from the data only), and the position
+    after them."""
     size, pos = _read_varint(buf, pos)
     if pos > length and strict:
         raise _short(pos, 1, length)
@@ -313,7 +372,25 @@ def _buffer(buf: bytes, pos: int, length: int, state: ScenarioState, arg: int,
         if strict:
             raise _short(end, size, length)
         end = max(pos, length)
-    out, count, pos = buf[pos:end], buf[end], end + 1
+    return buf[pos:end], end
+
+
+def _malformed(buf: bytes, pos: int, length: int, state: ScenarioState, arg: int,
+               strict: bool) -> tuple[MalformedChain | None, int]:
+    """The MalformedChain whose fields start at `pos` (`arg`: its opcode's), admitted, and the position after it."""
+    out, pos = _out_bytes(buf, pos, length, strict)
+    queue, kind = MALFORMED_QUEUES[arg & 1], MALFORMED_KINDS[(arg >> 1) % len(MALFORMED_KINDS)]
+    if strict and arg >> 1 >= len(MALFORMED_KINDS):
+        raise DecodeError(f"malformed chain kind {arg >> 1}")
+    admitted = state.malformed_fields(queue, kind, out)
+    return (None if admitted is None else MalformedChain(queue, kind, admitted)), pos
+
+
+def _buffer(buf: bytes, pos: int, length: int, state: ScenarioState, arg: int,
+            strict: bool) -> tuple[AddBuffer | None, int]:
+    """The AddBuffer whose fields start at `pos` (`arg`: its opcode's), admitted, and the position after it."""
+    out, end = _out_bytes(buf, pos, length, strict)
+    count, pos = buf[end], end + 1
     if count > MAX_IN_PAGES and strict:
         raise DecodeError(f"{count} device-writable pages, at most {MAX_IN_PAGES}")
     in_pfns: tuple[int, ...] = ()
@@ -346,13 +423,17 @@ def _check_header(data: bytes) -> None:
         raise DecodeError(VERSION_PROBLEMS[data[0]])
     if len(data) < 2:
         raise _short(2, 1, 1)
-    if data[1] & DEVICE_RESERVED_BITS:
+    if data[1] & (DEVICE_RESERVED_BITS if data[0] >= 3 else VERSION_2_DEVICE_RESERVED_BITS):
         raise DecodeError(f"reserved device bits set in {data[1]:#04x}")
+    if data[1] & PACKED_BIT and INTERFACES[data[1] & 3][0] == "legacy":
+        raise DecodeError(f"device byte {data[1]:#04x} asks a packed ring of the legacy-only transport")
 
 
-def decode(data: bytes, *, strict: bool = False) -> Scenario:
+def decode(data: bytes, *, strict: bool = False, device: int | None = None) -> Scenario:
     """The scenario `data` encodes. Lenient (default): any bytes give a runnable scenario. Strict: DecodeError
-    on a version this code does not read, reserved bits, unknown codes or truncation.
+    on a version this code does not read, reserved bits, unknown codes or truncation. `device` replaces the
+    data's device byte, read as the current version reads it whatever the data's version (a fuzz target that
+    fuzzes one device: its packed ring stays packed).
 
     One loop reads `data` followed by `PAD` (missing bytes read as zero; strict decoding checks the reads that
     may end past the data, and the position after each operation) and admits each operation as it is read:
@@ -363,8 +444,10 @@ def decode(data: bytes, *, strict: bool = False) -> Scenario:
     buf, length = data + PAD, len(data)
     version = buf[0]
     opcodes = OPCODES_BY_VERSION.get(version, OPCODES_BY_VERSION[VERSION])  # lenient: unknown versions as the current
-    variant, legacy_interface = device_from_byte(buf[1])
-    state = ScenarioState(variant, None, {}, None if version == 1 else MAX_HOST_REQUESTS)  # version 1: no limit
+    variant, legacy_interface = (device_from_byte(buf[1], version >= 3) if device is None
+                                 else device_from_byte(device, True))
+    state = ScenarioState(variant, None, {}, None if version == 1 else MAX_HOST_REQUESTS,  # version 1: no limit
+                          uses_packed_rings(variant, legacy_interface))
     operations: list[Operation] = []
     op: Operation | None
     pos = 2
@@ -396,13 +479,15 @@ def decode(data: bytes, *, strict: bool = False) -> Scenario:
                     pos = end
             elif kind is AddBuffer:
                 op, pos = _buffer(buf, pos, length, state, arg, strict)
+            elif kind is MalformedChain:
+                op, pos = _malformed(buf, pos, length, state, arg, strict)
             elif kind is Negotiate:
-                features = state.negotiate(buf[pos] & NEGOTIABLE)
+                features = state.negotiate(features_from_byte(buf[pos], version))
                 if arg & 1:
                     poison_val, pos = _read_uint(buf, pos + 1, 4, length, strict)
                     op = Negotiate(features, poison_val)
                 else:
-                    op, pos = NEGOTIATIONS[features], pos + 1
+                    op, pos = NEGOTIATIONS[features] if features <= NEGOTIABLE else Negotiate(features), pos + 1
             elif kind is FillPage:  # always runnable
                 op = _fill_page(POOL_PFNS[arg % POOL_PAGES], buf[pos])
                 pos += 1
@@ -473,7 +558,7 @@ def _encode_operation(op: Operation, state: ScenarioState) -> bytes:
         kind = KINDS.index(type(op))
     if isinstance(op, Negotiate):
         poison = b"" if op.poison_val is None else op.poison_val.to_bytes(4, "little")
-        return bytes([kind | (op.poison_val is not None) << 4, op.features]) + poison
+        return bytes([kind | (op.poison_val is not None) << 4, features_byte(op.features)]) + poison
     if isinstance(op, SetTarget):
         return bytes([kind]) + _zigzag(op.pages_below_ram)
     if isinstance(op, WriteConfig):
@@ -484,6 +569,9 @@ def _encode_operation(op: Operation, state: ScenarioState) -> bytes:
         arg = state.usable_queues().index(op.queue)
         return (bytes([kind | arg << 4]) + _varint(len(op.out)) + op.out + bytes([len(op.in_pfns)])
                 + b"".join(_pfn_bytes(pfn) for pfn in op.in_pfns))
+    if isinstance(op, MalformedChain):
+        arg = MALFORMED_QUEUES.index(op.queue) | MALFORMED_KINDS.index(op.kind) << 1
+        return bytes([kind | arg << 4]) + _varint(len(op.out)) + op.out
     if isinstance(op, FillPage):
         return bytes([kind | POOL_PFNS.index(op.pfn) << 4, op.byte])
     if isinstance(op, SetPollingInterval):
@@ -493,7 +581,7 @@ def _encode_operation(op: Operation, state: ScenarioState) -> bytes:
 
 def encode(scenario: Scenario) -> bytes:
     """The canonical bytes of `scenario` (current version); DecodeError if it cannot be expressed."""
-    state = ScenarioState(scenario.variant)
+    state = ScenarioState(scenario.variant, packed_rings=uses_packed_rings(scenario.variant, scenario.legacy_interface))
     out = bytearray([VERSION, device_byte(scenario.variant, scenario.legacy_interface)])
     for number, op in enumerate(scenario.operations, 1):
         try:

@@ -94,7 +94,7 @@ def config_scenario(data: bytes) -> Scenario:
 def differential_scenario(device: int) -> Callable[[bytes], Scenario]:
     """The full format with the device byte replaced: one QEMU serves one device configuration."""
     def scenario(data: bytes) -> Scenario:
-        return decode((data[:1] or bytes([VERSION])) + bytes([device]) + data[2:])
+        return decode((data[:1] or bytes([VERSION])) + bytes([device]) + data[2:], device=device)
     return scenario
 
 

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
-from vballoon.errors import QemuError
+from vballoon.errors import QemuError, UsageError
 from vballoon.matrix import Variant
 from vballoon.qemu.balloon import HostBalloon, device_args
 from vballoon.qemu.process import START_TIMEOUT, QemuBinary, QemuMachine
@@ -26,7 +26,7 @@ from vballoon.qemu.qtest import QtestClient, has_qtest_accelerator
 from vballoon.qemu.virtio_pci import BALLOON_DEVICE_ID_MODERN, BALLOON_DEVICE_ID_TRANSITIONAL, VirtioPciDriver
 from vballoon.spec import BALLOON_FEATURES, PAGE_SIZE, BalloonConfig, ConfigField, Feature, Status, encode_pfns, \
     feature_mask, has_feature
-from vballoon.virtqueue import Buffer, SplitDriverQueue, UsedElement
+from vballoon.virtqueue import DESC_SIZE, Buffer, UsedElement
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 FIRMWARE_SIZE = 64 * 1024
@@ -156,8 +156,9 @@ class QtestBalloon:
 
     @property
     def default_features(self) -> int:
-        """Every offered balloon feature, plus VERSION_1 when offered."""
-        return self.offered & feature_mask(*BALLOON_FEATURES, Feature.VERSION_1)
+        """Every offered balloon feature, plus VERSION_1 and RING_PACKED when offered: like Linux, the driver takes
+        the packed layout whenever the device offers it (packed=on)."""
+        return self.offered & feature_mask(*BALLOON_FEATURES, Feature.VERSION_1, Feature.RING_PACKED)
 
     def queue_index(self, feature: Feature) -> int:
         """Where QEMU 7.2 and 10.0 put the hinting and reporting queues: after statsq, in that order, when offered."""
@@ -186,21 +187,11 @@ class QtestBalloon:
             if poison_val is not None:
                 self.driver.config_write(ConfigField.POISON_VAL, 4, poison_val)
             for index in indices:
-                self._setup_queue(index, self._queue_sizes[index])
+                self.driver.create_queue(index, self._queue_sizes[index])
             accepted = Status.ACKNOWLEDGE | Status.DRIVER | (0 if self.driver.interface.is_legacy else
                                                              Status.FEATURES_OK)
             self.driver.set_status(accepted | Status.DRIVER_OK)
         return features
-
-    def _setup_queue(self, index: int, size: int) -> None:
-        """`VirtioPciDriver.setup_queue` with the size known: lay the ring out and enable it, without a read."""
-        driver = self.driver
-        base = driver.allocator.alloc(driver.interface.ring_bytes(size), align=PAGE_SIZE)
-        layout = driver.interface.ring_layout(size, base)
-        driver.queues[index] = SplitDriverQueue(self.qtest, layout, event_idx=has_feature(driver.features,
-                                                                                          Feature.EVENT_IDX),
-                                                endian=driver.endian)
-        driver.interface.enable_queue(index, layout)
 
     # --- buffers ---------------------------------------------------------
 
@@ -211,11 +202,21 @@ class QtestBalloon:
             self.qtest.memset(page, PAGE_SIZE, fill)
         return page
 
-    def post(self, queue: int, out: Sequence[bytes], writable: Sequence[Buffer] = ()) -> int:
-        """Put `out` buffers in guest RAM, publish one chain of them and `writable`, and notify; its head."""
+    def post(self, queue: int, out: Sequence[bytes], writable: Sequence[Buffer] = (), *, indirect: bool = False) -> int:
+        """Put `out` buffers in guest RAM, publish one chain of them and `writable`, and notify; its head (split) or
+        buffer id (packed).
+
+        With `indirect` the chain goes through an indirect table, which needs
+        VIRTIO_F_INDIRECT_DESC negotiated; a test that breaks that rule on
+        purpose adds its chain through `driver.queues[queue]` itself.
+        """
+        if indirect and not has_feature(self.driver.features, Feature.INDIRECT_DESC):
+            raise UsageError(f"indirect=True on queue {queue}: VIRTIO_F_INDIRECT_DESC is not negotiated "
+                             f"(features {self.driver.features:#x}); negotiate it or post without indirect")
         buffers = [self._place(data) for data in out]
+        table = self.driver.allocator.alloc(DESC_SIZE * (len(buffers) + len(writable))) if indirect else None
         with self.qtest.pipeline():
-            head = self.driver.queues[queue].add_and_publish(buffers, writable)
+            head = self.driver.queues[queue].add_and_publish(buffers, writable, indirect_table=table)
             self.driver.notify(queue)
         return head
 
@@ -225,18 +226,18 @@ class QtestBalloon:
         return Buffer(address, len(data))
 
     def exchange(self, queue: int, out: Sequence[bytes], writable: Sequence[Buffer] = (),
-                 timeout: float = 5.0) -> UsedElement:
-        """Post one chain and wait for the device to use it."""
-        head = self.post(queue, out, writable)
+                 timeout: float = 5.0, *, indirect: bool = False) -> UsedElement:
+        """Post one chain (through an indirect table with `indirect`) and wait for the device to use it."""
+        head = self.post(queue, out, writable, indirect=indirect)
         (used,) = self.driver.wait_used(queue, 1, timeout)
         assert used.id == head, f"device used head {used.id}, expected {head}"
         return used
 
-    def inflate(self, pfns: Sequence[int]) -> UsedElement:
-        return self.exchange(INFLATEQ, [encode_pfns(pfns, self.driver.endian)])
+    def inflate(self, pfns: Sequence[int], *, indirect: bool = False) -> UsedElement:
+        return self.exchange(INFLATEQ, [encode_pfns(pfns, self.driver.endian)], indirect=indirect)
 
-    def deflate(self, pfns: Sequence[int]) -> UsedElement:
-        return self.exchange(DEFLATEQ, [encode_pfns(pfns, self.driver.endian)])
+    def deflate(self, pfns: Sequence[int], *, indirect: bool = False) -> UsedElement:
+        return self.exchange(DEFLATEQ, [encode_pfns(pfns, self.driver.endian)], indirect=indirect)
 
     # --- configuration and QMP -----------------------------------------------
 

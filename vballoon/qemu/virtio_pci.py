@@ -9,7 +9,8 @@ Virtio: the modern interface (capability list: common, notify, ISR and
 device configuration) and the legacy I/O BAR behind one `VirtioPciInterface`;
 `VirtioPciDriver` runs the status sequence, negotiates any feature subset
 (including ones no sane driver picks, BAL-DEV-LEG-FEAT-1), lays rings out in
-guest RAM with `vballoon.virtqueue`, notifies, and polls the used ring with a
+guest RAM with `vballoon.virtqueue` (packed when VIRTIO_F_RING_PACKED is
+negotiated, split otherwise), notifies, and polls the used ring with a
 deadline (no MSI-X: the used ring is the completion signal).
 """
 
@@ -22,7 +23,7 @@ from typing import Protocol
 from vballoon.errors import QemuError, UsageError
 from vballoon.qemu.qtest import QtestClient
 from vballoon.spec import Endian, Feature, Status, buffer_endian, has_feature
-from vballoon.virtqueue import SplitDriverQueue, SplitLayout, UsedElement
+from vballoon.virtqueue import DriverQueue, PackedLayout, RingLayout, SplitLayout, UsedElement, open_driver_queue
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 # --- PCI ------------------------------------------------------------------------
@@ -301,11 +302,11 @@ class VirtioPciInterface(Protocol):
 
     def queue_max_size(self, index: int) -> int: ...
 
-    def ring_layout(self, size: int, base: int) -> SplitLayout: ...
+    def ring_layout(self, size: int, base: int, packed: bool) -> RingLayout: ...
 
-    def ring_bytes(self, size: int) -> int: ...
+    def ring_bytes(self, size: int, packed: bool) -> int: ...
 
-    def enable_queue(self, index: int, layout: SplitLayout) -> None: ...
+    def enable_queue(self, index: int, layout: RingLayout) -> None: ...
 
     def notify(self, index: int) -> None: ...
 
@@ -393,18 +394,21 @@ class ModernInterface:
         self.common.write(COMMON_Q_SELECT, 2, index)
         return self.common.read(COMMON_Q_SIZE, 2)
 
-    def ring_layout(self, size: int, base: int) -> SplitLayout:
-        return SplitLayout.modern(size, base)
+    def ring_layout(self, size: int, base: int, packed: bool) -> RingLayout:
+        return PackedLayout.modern(size, base) if packed else SplitLayout.modern(size, base)
 
-    def ring_bytes(self, size: int) -> int:
+    def ring_bytes(self, size: int, packed: bool) -> int:
+        if packed:
+            return PackedLayout.region_bytes(size) + 16
         return SplitLayout.desc_bytes(size) + SplitLayout.avail_bytes(size) + SplitLayout.used_bytes(size) + 16
 
-    def enable_queue(self, index: int, layout: SplitLayout) -> None:
+    def enable_queue(self, index: int, layout: RingLayout) -> None:
+        """Size, then the Descriptor, Driver and Device Areas (split: table, avail and used rings; packed: ring and
+        the driver's and the device's event suppression structures), then queue_enable."""
         with self.qtest.pipeline():
             self.common.write(COMMON_Q_SELECT, 2, index)
             self.common.write(COMMON_Q_SIZE, 2, layout.size)
-            for low, address in ((COMMON_Q_DESCLO, layout.desc), (COMMON_Q_AVAILLO, layout.avail),
-                                 (COMMON_Q_USEDLO, layout.used)):
+            for low, address in zip((COMMON_Q_DESCLO, COMMON_Q_AVAILLO, COMMON_Q_USEDLO), layout.areas, strict=True):
                 self.common.write(low, 4, address & 0xFFFFFFFF)
                 self.common.write(low + 4, 4, address >> 32)
             self.common.write(COMMON_Q_ENABLE, 2, 1)
@@ -459,13 +463,21 @@ class LegacyInterface:
         self.io.write(LEGACY_QUEUE_SEL, 2, index)
         return self.io.read(LEGACY_QUEUE_NUM, 2)
 
-    def ring_layout(self, size: int, base: int) -> SplitLayout:
+    def ring_layout(self, size: int, base: int, packed: bool) -> RingLayout:
+        self._split_only(packed)
         return SplitLayout.legacy(size, base)
 
-    def ring_bytes(self, size: int) -> int:
+    def ring_bytes(self, size: int, packed: bool) -> int:
+        self._split_only(packed)
         return SplitLayout.legacy_region_bytes(size)
 
-    def enable_queue(self, index: int, layout: SplitLayout) -> None:
+    @staticmethod
+    def _split_only(packed: bool) -> None:
+        if packed:
+            raise UsageError("the legacy interface has split rings only: a packed ring needs VIRTIO_F_VERSION_1, "
+                             "use the modern interface")
+
+    def enable_queue(self, index: int, layout: RingLayout) -> None:
         """Legacy queues have the device's size; the driver only gives the page frame of the ring."""
         with self.qtest.pipeline():
             self.io.write(LEGACY_QUEUE_SEL, 2, index)
@@ -517,7 +529,7 @@ class VirtioPciDriver:
         self.interface = interface
         self.allocator = allocator
         self.features = 0
-        self.queues: dict[int, SplitDriverQueue] = {}
+        self.queues: dict[int, DriverQueue] = {}
 
     @classmethod
     def open(cls, qtest: QtestClient, ram_bytes: int, device_ids: tuple[int, ...], legacy: bool) -> "VirtioPciDriver":
@@ -582,7 +594,12 @@ class VirtioPciDriver:
 
     # --- queues ------------------------------------------------------------
 
-    def setup_queue(self, index: int, size: int | None = None) -> SplitDriverQueue:
+    @property
+    def packed(self) -> bool:
+        """Whether the negotiated features make the rings packed (VIRTIO_F_RING_PACKED)."""
+        return has_feature(self.features, Feature.RING_PACKED)
+
+    def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
         """Lay out queue `index` in guest RAM (the device's maximum size by default) and enable it."""
         maximum = self.interface.queue_max_size(index)
         if maximum == 0:
@@ -590,10 +607,16 @@ class VirtioPciDriver:
         size = size or maximum
         if self.interface.is_legacy and size != maximum:
             raise UsageError(f"legacy queue {index} has the device's size {maximum}; cannot use {size}")
-        base = self.allocator.alloc(self.interface.ring_bytes(size), align=4096)
-        layout = self.interface.ring_layout(size, base)
-        queue = SplitDriverQueue(self.qtest, layout, event_idx=has_feature(self.features, Feature.EVENT_IDX),
-                                 endian=self.endian)
+        return self.create_queue(index, size)
+
+    def create_queue(self, index: int, size: int) -> DriverQueue:
+        """Lay out queue `index` of `size` in guest RAM for the negotiated ring layout and enable it, without a
+        register read (pipelines keep it in one round trip)."""
+        packed = self.packed
+        base = self.allocator.alloc(self.interface.ring_bytes(size, packed), align=4096)
+        layout = self.interface.ring_layout(size, base, packed)
+        queue = open_driver_queue(self.qtest, layout, event_idx=has_feature(self.features, Feature.EVENT_IDX),
+                                  endian=self.endian)
         self.interface.enable_queue(index, layout)
         self.queues[index] = queue
         return queue

@@ -35,7 +35,8 @@ from vballoon.spec import (
     decode_pfns,
     feature_mask,
 )
-from vballoon.virtqueue import Chain, MalformedRingError, SplitDeviceQueue, SplitLayout
+from vballoon.virtqueue import (Chain, MalformedRingError, PackedDeviceQueue, PackedLayout, SplitDeviceQueue,
+                                SplitLayout, open_device_queue)
 
 INFLATEQ = "inflateq"
 DEFLATEQ = "deflateq"
@@ -95,8 +96,7 @@ class DeviceProperties:
     """Stats count and queue sizes, as the QEMU under test has them."""
     ring_features: int = feature_mask(Feature.INDIRECT_DESC, Feature.EVENT_IDX)
     """Transport features offered besides the balloon bits, as QEMU's indirect_desc, event_idx and packed properties
-    ask (QEMU 7.2 and 10.0 also offer RING_RESET). The reference's rings are split: no driver here takes
-    RING_PACKED."""
+    ask (QEMU 7.2 and 10.0 also offer RING_RESET). A driver that accepts RING_PACKED gets packed rings."""
 
     @functools.cached_property  # read on every status write and invariant check
     def offered_features(self) -> int:
@@ -148,7 +148,7 @@ class Queue:
     name: str
     max_size: int
     size: int
-    ring: SplitDeviceQueue | None = None
+    ring: SplitDeviceQueue | PackedDeviceQueue | None = None
     interrupts: int = 0
 
 
@@ -252,6 +252,10 @@ class BalloonDevice:
             self.status |= Status.DEVICE_NEEDS_RESET
             self.config_changes += 1
 
+    def fail(self, reason: str) -> None:
+        """A device error a caller chose where the spec allows one (a malformed chain's outcome): as `_fail`."""
+        self._fail(reason)
+
     # --- configuration space ---------------------------------------------------
 
     @property
@@ -329,13 +333,13 @@ class BalloonDevice:
         if 1 <= size <= queue.max_size:
             queue.size = size
 
-    def set_queue_rings(self, index: int, desc: int, avail: int, used: int) -> None:
-        """Modern: the three ring addresses; the queue is usable at once."""
+    def set_queue_rings(self, index: int, desc: int, driver: int, device: int) -> None:
+        """Modern: the Descriptor, Driver and Device Area addresses (split: table, avail and used rings; with
+        RING_PACKED: the ring and the two event suppression structures); the queue is usable at once."""
         queue = self.queues[index]
-        queue.ring = SplitDeviceQueue(
-            self.ram, SplitLayout(queue.size, desc, avail, used),
-            event_idx=self._has(Feature.EVENT_IDX), endian=self.endian,
-        )
+        layout_class = PackedLayout if self._has(Feature.RING_PACKED) else SplitLayout
+        queue.ring = open_device_queue(self.ram, layout_class(queue.size, desc, driver, device),
+                                       event_idx=self._has(Feature.EVENT_IDX), endian=self.endian)
 
     def set_queue_pfn(self, index: int, pfn: int) -> None:
         """Legacy: the ring region at `pfn` << 12 with 4096 alignment; 0 disables the queue."""

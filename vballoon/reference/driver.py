@@ -1,7 +1,8 @@
 """A minimal in-memory balloon driver for the reference device.
 
 It does what a virtio-pci driver does through registers: negotiates
-features, lays out rings in guest RAM with `vballoon.virtqueue`, writes
+features, lays out rings (packed when it accepts RING_PACKED, split
+otherwise) in guest RAM with `vballoon.virtqueue`, writes
 buffers there, publishes them and notifies.  Tests, fuzzers and the
 reference side of a transport use it to reach the device exactly as a
 guest would.
@@ -26,25 +27,33 @@ from vballoon.spec import (
     encode_stats,
     feature_mask,
 )
-from vballoon.virtqueue import Buffer, SplitDriverQueue, SplitLayout, UsedElement
+from vballoon.virtqueue import (Buffer, DriverQueue, PackedLayout, RingLayout, SplitLayout, UsedElement,
+                                open_driver_queue)
 
 DRIVER_REGION = 2 << 20
 """Bytes at the top of RAM the driver keeps for rings and buffers."""
 _SCRATCH_ALIGN = 64
-_WANTED = feature_mask(*BALLOON_FEATURES[1:], Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1)
-"""What `ReferenceDriver.negotiate` accepts by default: every balloon and ring feature but MUST_TELL_HOST."""
-_VERSION_1, _EVENT_IDX, _PAGE_POISON = (feature_mask(bit) for bit in (Feature.VERSION_1, Feature.EVENT_IDX,
-                                                                     Feature.PAGE_POISON))
+_WANTED = feature_mask(*BALLOON_FEATURES[1:], Feature.INDIRECT_DESC, Feature.EVENT_IDX, Feature.VERSION_1,
+                       Feature.RING_PACKED)
+"""What `ReferenceDriver.negotiate` accepts by default: every balloon and ring feature but MUST_TELL_HOST (like
+Linux, the packed layout whenever it is offered)."""
+_VERSION_1, _EVENT_IDX, _PAGE_POISON, _RING_PACKED = (
+    feature_mask(bit) for bit in (Feature.VERSION_1, Feature.EVENT_IDX, Feature.PAGE_POISON, Feature.RING_PACKED))
 
 
 @functools.lru_cache(maxsize=64)  # every negotiation lays out the same rings again
-def _ring_layouts(sizes: tuple[int, ...], start: int, modern: bool) -> tuple[SplitLayout, ...]:
+def _ring_layouts(sizes: tuple[int, ...], start: int, modern: bool, packed: bool) -> tuple[RingLayout, ...]:
     """The rings of queues of `sizes`, one after the other from `start` (legacy: each on a page boundary)."""
-    layouts = []
+    layouts: list[RingLayout] = []
     for size in sizes:
-        layout = SplitLayout.modern(size, start) if modern else SplitLayout.legacy(size, -(-start // PAGE_SIZE) * PAGE_SIZE)
+        if packed:
+            layout: RingLayout = PackedLayout.modern(size, start)
+        elif modern:
+            layout = SplitLayout.modern(size, start)
+        else:
+            layout = SplitLayout.legacy(size, -(-start // PAGE_SIZE) * PAGE_SIZE)
         layouts.append(layout)
-        start = layout.used + SplitLayout.used_bytes(size)
+        start = layout.end
     return tuple(layouts)
 
 
@@ -56,7 +65,7 @@ class ReferenceDriver:
         self.region_start = device.ram.size - DRIVER_REGION
         if self.region_start < 0:
             raise UsageError(f"RAM of {device.ram.size} bytes is smaller than the driver region of {DRIVER_REGION}")
-        self.queues: dict[str, SplitDriverQueue] = {}
+        self.queues: dict[str, DriverQueue] = {}
         self._scratch_start = self.region_start + DRIVER_REGION // 2
         self._next_scratch = self._scratch_start
 
@@ -90,16 +99,17 @@ class ReferenceDriver:
                 return False
             status |= Status.FEATURES_OK
         self.queues = {}
-        layouts = _ring_layouts(tuple([queue.size for queue in device.queues]), self.region_start, modern)
+        layouts = _ring_layouts(tuple([queue.size for queue in device.queues]), self.region_start, modern,
+                                bool(features & _RING_PACKED))
         event_idx, endian = bool(features & _EVENT_IDX), device.endian
         for index, (queue, layout) in enumerate(zip(device.queues, layouts, strict=True)):
             if queues is not None and queue.name not in queues:
                 continue
             if modern:
-                device.set_queue_rings(index, layout.desc, layout.avail, layout.used)
+                device.set_queue_rings(index, *layout.areas)
             else:
                 device.set_queue_pfn(index, layout.desc >> PFN_SHIFT)
-            self.queues[queue.name] = SplitDriverQueue(device.ram, layout, event_idx=event_idx, endian=endian)
+            self.queues[queue.name] = open_driver_queue(device.ram, layout, event_idx=event_idx, endian=endian)
         if poison_val is not None and features & _PAGE_POISON:
             device.write_config(ConfigField.POISON_VAL, 4, poison_val)
         device.write_status(status | Status.DRIVER_OK)
@@ -111,6 +121,12 @@ class ReferenceDriver:
             self._next_scratch = self._scratch_start
         addr = self._next_scratch
         self._next_scratch += -(-length // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        return addr
+
+    def place(self, data: bytes) -> int:
+        """Put `data` in the scratch area and return its address (for chains a caller writes itself)."""
+        addr = self._scratch(len(data))
+        self.device.ram.write(addr, data)
         return addr
 
     def send(self, queue: str, out: bytes = b"", in_: Sequence[Buffer] = (), *, indirect: bool = False,

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from vballoon.differences import describe_mapping_difference
 from vballoon.reference import BalloonDevice
+from vballoon.scenario.malformed import DEVICE_REQUIREMENTS, OUTCOMES
 from vballoon.scenario.observation import Observation
 from vballoon.scenario.reference_executor import ReferenceExecutor
 from vballoon.spec import ConfigField, Feature, Status, has_feature
@@ -57,13 +58,19 @@ loop is inside virtio_set_status (hw/virtio/virtio.c), which wakes that iothread
 set_status and then stores the status value it was called with."""
 
 
+RING_ERROR = "VQ-DEV-STATUS-1"
+"""After a malformed chain, a device error (or its absence) outside the kind's allowed outcomes (unless the kind names
+another device requirement: `malformed.DEVICE_REQUIREMENTS`)."""
+
+
 def compare(reference: ReferenceExecutor, expected: Observation, got: Observation) -> list[Difference]:
     """Differences of QEMU's `got` from the reference's `expected`, judged with the reference's allowed sets."""
     judgement = Judgement()
     if not got.alive:
         judgement.add(None, "QEMU alive", True, "; ".join(got.crash))
         return judgement.differences
-    device = reference.device
+    device, malformed = reference.device, reference.last_malformed
+    ring_requirement = DEVICE_REQUIREMENTS.get(malformed.kind, RING_ERROR) if malformed else None
     legacy = not device.properties.modern
     actual_requirement = "BAL-DEV-LEG-ACT" if legacy else "BAL-DRV-ACT-1"
     if (got.request_error is None) != (expected.request_error is None):  # the refusal, not QEMU's words
@@ -76,11 +83,17 @@ def compare(reference: ReferenceExecutor, expected: Observation, got: Observatio
             judgement.add(LOST_NEEDS_RESET, "QEMU logged a virtio_error but its device status lacks DEVICE_NEEDS_RESET",
                           hex(expected.status), hex(got.status))
         else:
-            judgement.add("BAL-DEV-LEG-FEAT-1", "device status", hex(expected.status), hex(got.status))
+            judgement.add(ring_requirement or "BAL-DEV-LEG-FEAT-1", "device status", hex(expected.status),
+                          hex(got.status))
     if (got.device_errors > 0) != (expected.device_errors > 0):
         # A command id buffer that is not 4 bytes breaks BAL-DRV-FPH-1; what the device then does is its own choice.
-        judgement.add("BAL-DRV-FPH-1" if device.errors and "cmd id" in device.errors[-1] else "BAL-DEV-LEG-FEAT-1",
-                      "device error (virtio_error)", expected.device_errors, got.device_errors)
+        if malformed:
+            allowed = " or ".join(sorted(outcome.value for outcome in OUTCOMES[malformed.kind]))
+            judgement.add(ring_requirement, f"device error after a {malformed.kind} chain (allowed: {allowed})",
+                          expected.device_errors, got.device_errors)
+        else:
+            judgement.add("BAL-DRV-FPH-1" if device.errors and "cmd id" in device.errors[-1] else "BAL-DEV-LEG-FEAT-1",
+                          "device error (virtio_error)", expected.device_errors, got.device_errors)
     for name, offset in (("num_pages", ConfigField.NUM_PAGES), ("actual", ConfigField.ACTUAL),
                          ("free_page_hint_cmd_id", ConfigField.FREE_PAGE_HINT_CMD_ID),
                          ("poison_val", ConfigField.POISON_VAL)):

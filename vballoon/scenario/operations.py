@@ -25,11 +25,15 @@ POOL_FIRST_PFN = 0x800
 POOL_PAGES = 8
 POOL_PFNS = tuple(range(POOL_FIRST_PFN, POOL_FIRST_PFN + POOL_PAGES))
 _BALLOON_BITS, _VERSION_1 = feature_mask(*BALLOON_FEATURES), feature_mask(Feature.VERSION_1)
+_LAYOUT_BITS = feature_mask(Feature.VERSION_1, Feature.RING_PACKED)
+NEGOTIATED_BITS = _BALLOON_BITS | feature_mask(Feature.INDIRECT_DESC)
+"""What a Negotiate may accept: the balloon bits, and INDIRECT_DESC for the malformed chains built of indirect tables."""
 
 
 @dataclass(frozen=True)
 class Negotiate:
-    """Reset, accept `features` (balloon bits 0-5; VERSION_1 is added on the modern interface), write
+    """Reset, accept `features` (balloon bits 0-5 and INDIRECT_DESC; VERSION_1 and RING_PACKED are added where the
+    interface offers them, as Linux takes the packed layout whenever offered), write
     `poison_val` if given, set up the queues (every one, or those an executor is given: `queues_used`),
     DRIVER_OK."""
 
@@ -37,9 +41,9 @@ class Negotiate:
     poison_val: int | None = None
 
     def driver_features(self, offered: int) -> int:
-        """The features the driver accepts from a device offering `offered`: the balloon bits of `features`, plus
-        VERSION_1 when the interface offers it."""
-        return self.features & _BALLOON_BITS | offered & _VERSION_1
+        """The features the driver accepts from a device offering `offered`: the balloon bits and INDIRECT_DESC of
+        `features`, plus VERSION_1 and RING_PACKED when the interface offers them."""
+        return self.features & NEGOTIATED_BITS | offered & _LAYOUT_BITS
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,22 @@ class AddBuffer:
 
 
 @dataclass(frozen=True)
+class MalformedChain:
+    """One chain on `queue` (inflateq or deflateq) that breaks a ring rule of `kind` (one of
+    `vballoon.scenario.malformed.MALFORMED_KINDS` for the queue's layout: `uses_packed_rings`), with `out` (not
+    empty) as its device-readable bytes; notify."""
+
+    queue: str
+    kind: str
+    out: bytes
+
+    @property
+    def in_pfns(self) -> tuple[int, ...]:
+        """Pool pages the device may write: none (the chain's writable descriptors lie outside the pool)."""
+        return ()
+
+
+@dataclass(frozen=True)
 class FillPage:
     """The driver writes `byte` over the whole page `pfn`."""
 
@@ -106,14 +126,22 @@ class Reset:
     """The driver writes 0 to the device status."""
 
 
-Operation = Union[Negotiate, SetTarget, WriteConfig, ReadConfig, AddBuffer, FillPage, SetPollingInterval, Stop,
-                  Cont, Reset]
+Operation = Union[Negotiate, SetTarget, WriteConfig, ReadConfig, AddBuffer, MalformedChain, FillPage,
+                  SetPollingInterval, Stop, Cont, Reset]
 HostRequest = Union[SetTarget, SetPollingInterval, Stop, Cont]
 HOST_REQUESTS = (SetTarget, SetPollingInterval, Stop, Cont)
 """The operations a host makes: QMP commands on QEMU."""
+BUFFERS = (AddBuffer, MalformedChain)
+"""The operations that make a chain available on a queue."""
 OPERATIONS: dict[str, type] = {cls.__name__: cls for cls in (Negotiate, SetTarget, WriteConfig, ReadConfig,
-                                                              AddBuffer, FillPage, SetPollingInterval, Stop,
-                                                              Cont, Reset)}
+                                                              AddBuffer, MalformedChain, FillPage,
+                                                              SetPollingInterval, Stop, Cont, Reset)}
+
+
+def uses_packed_rings(variant: Variant, legacy_interface: bool) -> bool:
+    """Whether a scenario's negotiations take the packed layout: packed=on seen through the modern interface (the
+    legacy one offers no bit past 31)."""
+    return variant.packed and not legacy_interface
 
 
 def queues_used(ops: Sequence[Operation], start: int) -> frozenset[str]:
@@ -123,7 +151,7 @@ def queues_used(ops: Sequence[Operation], start: int) -> frozenset[str]:
     for op in ops[start:]:
         if isinstance(op, (Negotiate, Reset)):
             break
-        if isinstance(op, AddBuffer):
+        if isinstance(op, BUFFERS):
             used.add(op.queue)
     return frozenset(used)
 

@@ -20,12 +20,13 @@ from vballoon.qemu.balloon import polling_interval_command, target_command
 from vballoon.qemu.machine import QemuBinary
 from vballoon.qemu.qtest_machine import QtestBalloon, QtestMachine
 from vballoon.scenario.observation import NO_ANSWER, Answer, Observation
+from vballoon.scenario.malformed import ABANDONS_QUEUE, add_malformed_chain
 from vballoon.scenario.operations import (HOST_REQUESTS, MEMORY_MIB, POOL_FIRST_PFN, POOL_PFNS, AddBuffer, Cont,
-                                          FillPage, HostRequest, Negotiate, Operation, ReadConfig, Reset, Scenario,
-                                          SetPollingInterval, SetTarget, Stop, WriteConfig, scenario_to_json)
+                                          FillPage, HostRequest, MalformedChain, Negotiate, Operation, ReadConfig, Reset,
+                                          Scenario, SetPollingInterval, SetTarget, Stop, WriteConfig, scenario_to_json)
 from vballoon.scenario.reference_executor import reference_properties
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, config_size
-from vballoon.virtqueue import Buffer
+from vballoon.virtqueue import Buffer, SplitDriverQueue
 from vballoon.waiting import DeadlineExceeded, wait_for
 
 USED_TIMEOUT = 3.0
@@ -44,6 +45,10 @@ class QemuExecutor:
         """Whether qtest lines are kept (the reproducer and the transcript); off for a fuzzer's long-lived QEMU."""
         self.recording: list[str] = []
         self.events: list[int] = []
+        self.abandoned: set[str] = set()
+        """Queues whose used rings no longer follow the driver after a malformed chain: not collected."""
+        self._malformed_mark: tuple[SplitDriverQueue, int, int] | None = None
+        """The last malformed chain's queue, with its used index and QEMU's device errors before it."""
         self._balloon: QtestBalloon | None = None
 
     def __enter__(self) -> "QemuExecutor":
@@ -104,6 +109,7 @@ class QemuExecutor:
 
     def _negotiate(self, op: Negotiate, queues: Collection[str] | None) -> Answer:
         balloon = self.balloon
+        self.abandoned = set()
         indices = None if queues is None else [self.queue_names.index(name) for name in queues]
         try:
             balloon.start(op.driver_features(balloon.offered), op.poison_val, indices)
@@ -126,11 +132,46 @@ class QemuExecutor:
         self.balloon.post(self.queue_names.index(op.queue), [op.out] if op.out else [], in_buffers)
         return NO_ANSWER
 
+    def _malformed_chain(self, op: MalformedChain, _: object) -> Answer:
+        balloon, index = self.balloon, self.queue_names.index(op.queue)
+        if op.kind in ABANDONS_QUEUE:
+            self.abandoned.add(op.queue)
+        queue = balloon.driver.queues[index]
+        if isinstance(queue, SplitDriverQueue):  # the split kinds, whose outcome QEMU chooses
+            self._malformed_mark = (queue, queue.ring.used_idx(), self.device_errors())
+        with self.machine.qtest.pipeline():
+            add_malformed_chain(queue, op.kind, balloon._place(op.out), lambda data: balloon._place(data).addr,
+                                self.machine.ram_bytes)
+            balloon.driver.notify(index)
+        return NO_ANSWER
+
+    def device_errors(self) -> int:
+        """Device errors (virtio_error lines on stderr) since QEMU started."""
+        return len(self.machine.device_errors())
+
+    def malformed_outcome(self, timeout: float = USED_TIMEOUT) -> bool:
+        """Whether QEMU answered the last malformed chain with a device error, once it answered it with an error or
+        by using it (its notification may be handled after the qtest write returns), waited for up to `timeout`."""
+        if self._malformed_mark is None:
+            raise QemuError("no malformed chain to wait for")
+        queue, used_idx, errors = self._malformed_mark
+        self.machine.qtest.flush()
+
+        def answered() -> bool:
+            return self.device_errors() > errors or queue.ring.used_idx() != used_idx
+
+        try:
+            wait_for(answered, timeout, "QEMU's answer to the malformed chain", interval=0.0005)
+        except DeadlineExceeded:
+            pass  # neither: the comparison shows what QEMU did not do
+        return self.device_errors() > errors
+
     def _fill_page(self, op: FillPage, _: object) -> Answer:
         self.machine.qtest.memset(op.pfn << PFN_SHIFT, PAGE_SIZE, op.byte)
         return NO_ANSWER
 
     def _reset(self, op: Reset, _: object) -> Answer:
+        self.abandoned = set()
         self.balloon.driver.reset()
         return NO_ANSWER
 
@@ -180,7 +221,8 @@ class QemuExecutor:
         def gather() -> bool:
             for index, queue in queues.items():
                 name = self.queue_names[index]
-                collected[name] += [(name, e.id, e.length) for e in queue.collect_used()]
+                if name not in self.abandoned:
+                    collected[name] += [(name, e.id, e.length) for e in queue.collect_used()]
             return all(len(collected[name]) >= count for name, count in expect_used.items())
 
         try:
@@ -206,7 +248,8 @@ class QemuExecutor:
 
 QEMU_STEPS: dict[type, Callable[[QemuExecutor, Any, Collection[str] | None], Answer]] = {
     Negotiate: QemuExecutor._negotiate, WriteConfig: QemuExecutor._write_config,
-    ReadConfig: QemuExecutor._read_config, AddBuffer: QemuExecutor._add_buffer, FillPage: QemuExecutor._fill_page,
+    ReadConfig: QemuExecutor._read_config, AddBuffer: QemuExecutor._add_buffer,
+    MalformedChain: QemuExecutor._malformed_chain, FillPage: QemuExecutor._fill_page,
     Reset: QemuExecutor._reset, **dict.fromkeys(HOST_REQUESTS, QemuExecutor._host_request),
 }
 """How QEMU runs each operation type: the handler `QemuExecutor.apply` looks up. Host requests go over QMP, as

@@ -17,9 +17,11 @@ from vballoon.reference import BalloonDevice, DeviceProperties, DeviceShape, Req
 from vballoon.reference.device import DEFAULT_SHAPE, FREE_PAGE_VQ
 from vballoon.reference.driver import ReferenceDriver
 from vballoon.scenario.observation import NO_ANSWER, Answer, Observation
-from vballoon.scenario.operations import (MEMORY_MIB, POOL_PFNS, AddBuffer, Cont, FillPage, Negotiate, Operation,
-                                          ReadConfig, Reset, SetPollingInterval, SetTarget, Stop, WriteConfig,
+from vballoon.scenario.malformed import ABANDONS_QUEUE, OUTCOMES, RingOutcome, add_malformed_chain, equivalent_buffers
+from vballoon.scenario.operations import (MEMORY_MIB, POOL_PFNS, AddBuffer, Cont, FillPage, MalformedChain, Negotiate,
+                                          Operation, ReadConfig, Reset, SetPollingInterval, SetTarget, Stop, WriteConfig,
                                           touches_poison_val)
+from vballoon.virtqueue import MalformedRingError
 from vballoon.spec import PAGE_SIZE, PFN_SHIFT, Feature, Status, has_feature
 from vballoon.virtqueue import Buffer
 
@@ -31,6 +33,12 @@ def reference_properties(variant: Variant, legacy_interface: bool, ram_bytes: in
     worked out once; `shape` is what the QEMU under test chose where the spec lets a device choose
     (`QemuProfile.device_shape`)."""
     return variant.reference_properties(legacy_interface, ram_bytes, shape)
+
+
+def preferred_outcome(op: MalformedChain) -> RingOutcome:
+    """The reference's own answer to a malformed chain: a device error where the spec's SHOULD (VQ-DEV-STATUS-1)
+    allows one, else the chain used."""
+    return RingOutcome.ERROR if RingOutcome.ERROR in OUTCOMES[op.kind] else RingOutcome.USED
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class ReferenceExecutor:
     """The reference device and driver in memory; the host side (QMP, timers, stop/cont) is modelled here."""
 
     def __init__(self, variant: Variant, legacy_interface: bool, ram_bytes: int = MEMORY_MIB << 20,
-                 shape: DeviceShape = DEFAULT_SHAPE) -> None:
+                 shape: DeviceShape = DEFAULT_SHAPE, *, follow_device: bool = False) -> None:
         self.device = BalloonDevice(reference_properties(variant, legacy_interface, ram_bytes, shape),
                                     FixedClock(time.time()))
         self.driver = ReferenceDriver(self.device)
@@ -72,6 +80,14 @@ class ReferenceExecutor:
         them to an iothread that is blocked while the VM is stopped (`block_iothread`); a reset before cont
         leaves them unprocessed. The spec lets a device use a buffer whenever it likes, so the reference
         takes QEMU's timing."""
+        self.follow_device = follow_device
+        """A malformed chain's outcome waits for `settle` with what the device under test did (a differential);
+        otherwise the reference takes its preferred outcome at once (`preferred_outcome`)."""
+        self.unsettled: MalformedChain | None = None
+        self.last_malformed: MalformedChain | None = None
+        """The last malformed chain since the last negotiation or reset (the judge names its outcomes)."""
+        self.abandoned: set[str] = set()
+        """Queues whose used rings no longer follow the driver (`malformed.ABANDONS_QUEUE`): not collected."""
 
     def apply(self, op: Operation, queues: Collection[str] | None = None) -> Answer:
         """Run `op` on the reference; a Negotiate sets up `queues` (default: all), the others ignore it."""
@@ -82,6 +98,7 @@ class ReferenceExecutor:
 
     def _negotiate(self, op: Negotiate, queues: Collection[str] | None) -> Answer:
         self.hints_held = False
+        self.abandoned, self.last_malformed = set(), None
         features = op.driver_features(self.device.offered_features)
         self.poison_val_unspecified = has_feature(features, Feature.PAGE_POISON) and op.poison_val is None
         self.poison_val_was_unspecified |= self.poison_val_unspecified
@@ -109,6 +126,47 @@ class ReferenceExecutor:
         self.hints_held |= held
         return NO_ANSWER
 
+    def _malformed_chain(self, op: MalformedChain, _: object) -> Answer:
+        self.last_malformed = op
+        if OUTCOMES[op.kind] == {RingOutcome.IGNORED}:
+            self._write_chain(op)
+        elif self.follow_device:
+            self.unsettled = op
+        else:
+            self._take(op, preferred_outcome(op))
+        return NO_ANSWER
+
+    def _write_chain(self, op: MalformedChain) -> None:
+        """Write the chain in the reference driver's ring and notify: the reference device answers it itself (the
+        kinds with one allowed outcome, which needs no device under test to choose)."""
+        queue, driver = self.driver.queues.get(op.queue), self.driver
+        if queue is None:
+            return
+        payload = Buffer(driver.place(op.out), len(op.out))
+        add_malformed_chain(queue, op.kind, payload, driver.place, self.device.properties.ram_size)
+        self.device.notify(self.device.queue_index(op.queue))
+
+    def settle(self, device_error: bool) -> None:
+        """Take the outcome of the unsettled malformed chain that the device under test took: a device error, or
+        the chain used. An outcome the spec does not allow for the kind is not taken: the comparison then shows
+        the difference."""
+        op, self.unsettled = self.unsettled, None
+        if op is None:
+            return
+        seen = RingOutcome.ERROR if device_error else RingOutcome.USED
+        self._take(op, seen if seen in OUTCOMES[op.kind] else preferred_outcome(op))
+
+    def _take(self, op: MalformedChain, outcome: RingOutcome) -> None:
+        device = self.device
+        if op.kind in ABANDONS_QUEUE:
+            self.abandoned.add(op.queue)
+        if device.broken or op.queue not in self.driver.queues:
+            return  # a broken device ignores notifications, as QEMU's virtio_queue_notify
+        if outcome is RingOutcome.ERROR:
+            device.fail(str(MalformedRingError(op.kind, f"a malformed chain on {op.queue}")))
+        else:
+            self.driver.send(op.queue, op.out, equivalent_buffers(op.kind, device.properties.ram_size))
+
     def _fill_page(self, op: FillPage, _: object) -> Answer:
         self.device.ram.write(op.pfn << PFN_SHIFT, bytes([op.byte]) * PAGE_SIZE)
         return NO_ANSWER
@@ -128,6 +186,7 @@ class ReferenceExecutor:
         self.hints_held = False
         self.device.write_status(0)
         self.driver.queues = {}
+        self.abandoned, self.last_malformed = set(), None
         self.poison_val_unspecified = False
         return NO_ANSWER
 
@@ -137,7 +196,7 @@ class ReferenceExecutor:
         if self.running:
             device.run_timers()
         used = tuple((name, e.id, e.length) for name, queue in self.driver.queues.items()
-                     for e in queue.collect_used())
+                     if name not in self.abandoned for e in queue.collect_used())
         self.events += [e.actual for e in device.take_events()]
         stats = device.guest_stats()
         return Observation(
@@ -151,7 +210,8 @@ class ReferenceExecutor:
 REFERENCE_STEPS: dict[type, Callable[[ReferenceExecutor, Any, Collection[str] | None], Answer]] = {
     Negotiate: ReferenceExecutor._negotiate, SetTarget: ReferenceExecutor._set_target,
     WriteConfig: ReferenceExecutor._write_config, ReadConfig: ReferenceExecutor._read_config,
-    AddBuffer: ReferenceExecutor._add_buffer, FillPage: ReferenceExecutor._fill_page,
+    AddBuffer: ReferenceExecutor._add_buffer, MalformedChain: ReferenceExecutor._malformed_chain,
+    FillPage: ReferenceExecutor._fill_page,
     SetPollingInterval: ReferenceExecutor._set_polling_interval, Stop: ReferenceExecutor._stop_or_cont,
     Cont: ReferenceExecutor._stop_or_cont, Reset: ReferenceExecutor._reset,
 }
