@@ -33,7 +33,7 @@ from vballoon.guest.memhog import run_hog, start_hog
 from vballoon.guest.pfn_trace import TRACE_EVENTS, pfn_messages
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.matrix import BACKENDS, Variant
-from vballoon.qemu.hmp import hmp, trace_events_on
+from vballoon.qemu.hmp import guest_qwords, trace_events_on
 from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.waiting import DeadlineExceeded, wait_for
@@ -82,12 +82,6 @@ def reporting_backend_vm(request: pytest.FixtureRequest, machines: MachineFactor
     return machines.guest(Variant(backend=backend_of(request), free_page_reporting=True, page_poison=False))
 
 
-def guest_words(vm: Machine, gpa: int) -> tuple[int, int]:
-    """The first two 64-bit words of guest-physical `gpa`, read by HMP `xp`."""
-    words = hmp(vm, f"xp /2gx {gpa:#x}").split(":", 1)[1].split()
-    return int(words[0], 16), int(words[1], 16)
-
-
 @pytest.mark.req("BAL-DRV-OP-1", "BAL-DEV-OP-1", "BAL-DRV-OP-5")
 def test_inflate_frees_host_memory_per_backend(backend_vm: Machine) -> None:
     """After the guest dirtied its memory, an inflate frees host memory (none on hugetlbfs, where QEMU warns),
@@ -114,7 +108,7 @@ def test_inflate_frees_host_memory_per_backend(backend_vm: Machine) -> None:
         wait_for(lambda: qemu_memory_bytes(vm.pid) <= wanted, HOST_MEMORY_DEADLINE_S,
                  f"QEMU host memory ({vm.variant.backend}) to fall from {before} to at most {wanted} after a "
                  f"{INFLATE_MIB} MiB inflate (BAL-DRV-OP-1)", describe_last=lambda: f"{qemu_memory_bytes(vm.pid)}")
-        nonzero = [hex(gpa) for gpa in sample if guest_words(vm, gpa) != (0, 0)]
+        nonzero = [hex(gpa) for gpa in sample if guest_qwords(vm, gpa, 2) != [0, 0]]
         assert not nonzero, (f"BAL-DEV-OP-1 ({vm.variant.backend}): expected discarded ballooned pages to read back "
                              f"zero, got data at {nonzero[:5]} of {len(sample)} sampled")
     freed = before - qemu_memory_bytes(vm.pid)

@@ -16,14 +16,18 @@ during migration (see fixtures/migration.py); the source-side checks
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from fixtures.migration import (HINTING, HINTING_VARIANTS, NO_HINTING, MigrationLab, assert_guest_healthy,
                                 mem_free_kib, over, touch_and_free)
 from vballoon.benchmarks import record_migration_benchmark
+from vballoon.qemu.hmp import guest_qwords
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.migration import balloon_config_u32, saved_hint_state
 from vballoon.spec import CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, ConfigField
+from vballoon.virtqueue import DESC_F_WRITE
 from vballoon.waiting import wait_for
 
 MIGRATION_TIMEOUT = 60.0
@@ -42,6 +46,9 @@ MAX_TRANSFER_RATIO = 0.6
 MEM_FREE_TOLERANCE_KIB = 16 << 10
 HINTED_AT_LEAST_KIB = 64 << 10
 MEMORY_BACK_TIMEOUT = 30.0
+
+
+FREE_PAGE_VQ = 3  # QEMU 7.2 and 10.0: after statsq when free-page-hint is on (reporting off in HINTING_VARIANTS)
 
 
 def cmd_id(machine: Machine) -> int:
@@ -198,6 +205,63 @@ def test_each_round_issues_a_new_greater_command_id_then_done(migration_lab: Mig
         source.qmp.command("cont")
         wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10,
                  "the source to run again")
+    assert_guest_healthy(source)
+
+
+@dataclass(frozen=True)
+class NewestBuffer:
+    """The chain the driver made available last on a queue, read from guest memory: avail->idx, and its head
+    descriptor's flags, length and first 4 bytes (when device-readable)."""
+
+    avail_idx: int
+    flags: int
+    length: int
+    first_word: int | None
+
+    @property
+    def is_stop(self) -> bool:
+        return not self.flags & DESC_F_WRITE and self.length == 4 and self.first_word == CMD_ID_STOP
+
+    def describe(self) -> str:
+        kind = "device-writable" if self.flags & DESC_F_WRITE else f"out, holding {self.first_word!r}"
+        return f"avail idx {self.avail_idx}: {kind} buffer of {self.length} bytes (flags {self.flags:#x})"
+
+
+def newest_buffer(machine: Machine, queue: int) -> NewestBuffer:
+    """The driver's newest chain on `queue`: the ring's addresses from x-query-virtio-queue-status, the rest read
+    from guest memory (x86 guest: little endian)."""
+    status = machine.qmp.command("x-query-virtio-queue-status", path=machine.host_balloon.virtio_path(), queue=queue)
+    avail, desc, size = int(status["vring-avail"]), int(status["vring-desc"]), int(status["vring-num"])
+    idx = guest_qwords(machine, avail + 2)[0] & 0xFFFF
+    head = guest_qwords(machine, avail + 4 + 2 * ((idx - 1) % size))[0] & 0xFFFF
+    addr, fields = guest_qwords(machine, desc + 16 * head, 2)
+    length, flags = fields & 0xFFFFFFFF, (fields >> 32) & 0xFFFF
+    first_word = None if flags & DESC_F_WRITE else guest_qwords(machine, addr)[0] & 0xFFFFFFFF
+    return NewestBuffer(idx, flags, length, first_word)
+
+
+@pytest.mark.req("BAL-DRV-FPH-6", "BAL-DRV-FPH-5")
+@over(HINTING_VARIANTS)
+def test_driver_closes_hinting_with_stop_and_stays_quiet_after_done(migration_lab: MigrationLab,
+                                                                   source: Machine) -> None:
+    """After a migration to a file (DONE) and `cont`, the newest buffer the driver put on the free page queue is
+    an out buffer holding STOP: it closed its last round of hints (BAL-DRV-FPH-6); then the guest frees STALE_MIB
+    again and the queue's avail index does not move: no hints after DONE (BAL-DRV-FPH-5). Read from the driver's
+    own ring in guest memory, not from QEMU's pops (QEMU pops that queue only while it wants hints). (Broken on
+    purpose: reading the statsq instead finds a stats buffer, not STOP.)"""
+    touch_and_free(source, STALE_MIB)
+    migrate_to_file_watching_ids(migration_lab, source, "to-file")
+    source.qmp.command("cont")
+    wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10, "the source to run again")
+    queue = FREE_PAGE_VQ
+    closed = wait_for(lambda: (buffer if (buffer := newest_buffer(source, queue)).is_stop else None),
+                      MEMORY_BACK_TIMEOUT, "BAL-DRV-FPH-6: the driver's newest free page queue buffer to be an out "
+                      "buffer holding STOP (0)", describe_last=lambda: newest_buffer(source, queue).describe())
+    touch_and_free(source, STALE_MIB)
+    later = newest_buffer(source, queue)
+    assert later.avail_idx == closed.avail_idx, (
+        f"BAL-DRV-FPH-5: after DONE the driver should stop supplying hints; its free page queue went from "
+        f"{closed.describe()} to {later.describe()} while the guest freed {STALE_MIB} MiB")
     assert_guest_healthy(source)
 
 

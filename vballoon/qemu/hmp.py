@@ -13,6 +13,12 @@ def hmp(vm: Machine, command_line: str) -> str:
     return str(vm.qmp.command("human-monitor-command", **{"command-line": command_line}))
 
 
+def guest_qwords(vm: Machine, gpa: int, count: int = 1) -> list[int]:
+    """`count` little-endian 64-bit words of guest-physical memory from `gpa`, read by HMP `xp`."""
+    text = hmp(vm, f"xp /{count}gx {gpa:#x}")
+    return [int(word, 16) for line in text.splitlines() if ":" in line for word in line.split(":", 1)[1].split()]
+
+
 @contextmanager
 def trace_events_on(vm: Machine, *events: str) -> Iterator[int]:
     """Switch QEMU trace events on for the `with` block; yields the stderr offset where their lines begin."""
