@@ -30,6 +30,7 @@ help:
 	@echo "make report-merge [JUNIT_SHARDS=\"a.xml b.xml\"] merge the shards' JUnit files into reports/junit.xml, then the requirement report"
 	@echo "make test-upstream                             the same on Debian 13's QEMU 10.0 and Linux 6.12, and the mixed pairs"
 	@echo "make ci-gitlab-local [VBALLOON_MATRIX=quick]   run ci/gitlab-ci.yml as a QEMU fork's pipeline with gitlab-ci-local"
+	@echo "make qemu-coverage [QEMU_SOURCE=DIR]           QEMU's line and branch coverage of virtio-balloon.c (gcov build)"
 	@echo "make bench | lint | image | upstream | clean"
 
 deps:
@@ -112,6 +113,16 @@ test-upstream: upstream-deps
 	@mkdir -p reports
 	$(TOX) -qq -e upstream -- --format env $(UPSTREAM_ARGS) > $(UPSTREAM_ENV)
 	env $$(sed -n 's/^VBALLOON_/UPSTREAM_/p' $(UPSTREAM_ENV)) $(TOX) -e upstream-test -- $(PYTEST_ARGS)
+
+# QEMU's own line and branch coverage of hw/virtio/virtio-balloon.c: a gcov build of the installed QEMU's Debian
+# source (or QEMU_SOURCE=DIR, a tree of yours; about 15 minutes on 2 cores, cached), the device suite and the corpus
+# replay on it, reports in reports/qemu-coverage/index.html, reports/qemu-coverage.json and
+# reports/qemu-coverage-uncovered.md.
+QEMU_SOURCE ?=
+
+.PHONY: qemu-coverage
+qemu-coverage: upstream-deps
+	$(TOX) -e qemu-coverage -- $(if $(QEMU_SOURCE),--source $(QEMU_SOURCE))
 
 # One report from many: the shards' JUnit files (reports/junit-shard-K-of-N.xml, or JUNIT_SHARDS="a.xml b.xml"
 # downloaded elsewhere) merged into reports/junit.xml, then the requirement report and matrix from it.

@@ -84,6 +84,7 @@ def fake_source(configure: str) -> Unpack:
         script = tree / "configure"
         script.write_text("#!/bin/sh\n" + configure)
         script.chmod(0o755)
+        (tree / "meson.build").write_text("project('qemu', ['c'], meson_version: '>=1.5.0')\n")
         return tree
 
     return unpack
@@ -141,9 +142,9 @@ def test_an_unknown_qemu_version_is_one_line_and_leaves_no_entry(
 @pytest.mark.skipif(REAL_TOOLS["ninja"] is None, reason="ninja is not installed; make upstream installs it")
 def test_a_failing_build_keeps_its_logs_and_leaves_no_entry(tmp_path: Path, calls: Path) -> None:
     configure = (
-        'echo "configure $*"\nmkdir build\n'
-        "echo 'echo hw/virtio/virtio-balloon.c:1: error: fake compiler refuses; exit 1' > build/cc.sh\n"
-        "printf 'rule cc\\n  command = sh cc.sh\\nbuild qemu-system-x86_64: cc\\n' > build/build.ninja\n"
+        'echo "configure $*"\n'
+        "echo 'echo hw/virtio/virtio-balloon.c:1: error: fake compiler refuses; exit 1' > cc.sh\n"
+        "printf 'rule cc\\n  command = sh cc.sh\\nbuild qemu-system-x86_64: cc\\n' > build.ninja\n"
     )
     upstream = tmp_path / "upstream"
     with pytest.raises(VballoonError) as error:

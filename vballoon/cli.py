@@ -172,7 +172,9 @@ def _cmd_reproduce(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"{name}: reproduces (target {result.target.name}): {result.finding.kind}: {result.finding.summary}")
         for line in result.finding.differences[1:]:
             print(f"  {line}")
-        if result.finding.stderr_tail:
+        if result.finding.sanitizer_report:
+            print("QEMU's sanitizer report:\n" + result.finding.sanitizer_report)
+        elif result.finding.stderr_tail:
             print("QEMU stderr tail:\n" + result.finding.stderr_tail)
         outcomes.append(1)
     return 1 if 1 in outcomes else max(outcomes, default=0)
@@ -208,6 +210,30 @@ def _cmd_upstream_fetch(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_bench_qemu_coverage(args: argparse.Namespace, rest: list[str]) -> int:
+    import shlex
+
+    from vballoon.qemu_coverage import run_qemu_coverage
+
+    summary = run_qemu_coverage(Path(args.source) if args.source else None, Path(args.out),
+                                tuple(shlex.split(args.pytest_args)))
+    for stage in summary["stages"]:
+        figures = "; ".join(f"{name}: lines {value['lines']['percent']}%, branches {value['branches']['percent']}%"
+                            for name, value in stage.items() if name.startswith("hw/"))
+        print(f"after {stage['stage']} ({stage['tests']} tests, {stage['failures'] + stage['errors']} failed, "
+              f"{stage['seconds']} s): {figures}")
+    print(f"reports: {args.out}/qemu-coverage/index.html, {args.out}/qemu-coverage.json, "
+          f"{args.out}/qemu-coverage-uncovered.md")
+    return int(any(stage["failures"] + stage["errors"] for stage in summary["stages"]))
+
+
+def _cmd_qemu_build(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.qemu_build import build_flavour
+
+    print(build_flavour(args.flavour, Path(args.source) if args.source else None).binary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vballoon", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     upstream_fetch.add_argument("--format", choices=("options", "env"), default="options",
                                 help="--qemu P --kernel P --modules P, or VBALLOON_QEMU=P lines")
     upstream_fetch.set_defaults(handler=_cmd_upstream_fetch)
+
+    qemu = commands.add_parser("qemu", help="flavoured QEMU builds").add_subparsers(dest="action", required=True)
+    qemu_build = qemu.add_parser("build", help="build qemu-system-x86_64 with sanitizers or coverage (cached); "
+                                               "print its path (progress goes to stderr)")
+    qemu_build.add_argument("--flavour", required=True, choices=("asan", "gcov"),
+                            help="asan: AddressSanitizer and UBSan; gcov: line and branch coverage")
+    qemu_build.add_argument("--source", help="a QEMU source tree, built out of tree (default: Debian's source of "
+                                             "the installed qemu-system-x86)")
+    qemu_build.set_defaults(handler=_cmd_qemu_build)
 
     report = commands.add_parser("report", help="reports").add_subparsers(dest="action", required=True)
     requirements = report.add_parser("requirements", help="requirement coverage, written to reports/requirements.md; "
@@ -317,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--emit-qtest", action="store_true",
                            help="print the QEMU command line and qtest lines for `qemu-system-x86_64 ... -qtest stdio`")
     reproduce.set_defaults(handler=_cmd_reproduce)
+    qemu_coverage = bench.add_parser("qemu-coverage", help="QEMU's line and branch coverage of virtio-balloon.c "
+                                                           "under the device suite and the corpus replay (gcov build)")
+    qemu_coverage.add_argument("--source", help="a QEMU source tree (default: Debian's source of the installed "
+                                                "qemu-system-x86)")
+    qemu_coverage.add_argument("--out", default="reports", help="where qemu-coverage/, qemu-coverage.json and "
+                                                               "qemu-coverage-uncovered.md go")
+    qemu_coverage.add_argument("--pytest-args", default="", help="more pytest options for each stage, e.g. '-k inflate'")
+    qemu_coverage.set_defaults(handler=_cmd_bench_qemu_coverage)
     matrix = bench.add_parser("matrix", help="wall time of suites/guest per tier and per variant, "
                                              "written to reports/bench-matrix.json")
     _add_target_options(matrix)

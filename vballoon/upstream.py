@@ -42,8 +42,9 @@ MIRRORS = (
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 QEMU_SOURCE = "qemu"
 QEMU_BINARY = "qemu-system-x86_64"
-# Debian's +ds tarball drops QEMU's bundled meson wheel and Debian 12's meson is 1.0.
-MESON_REQUIREMENT = "meson>=1.5"
+# Debian's source tarballs drop QEMU's bundled meson and Debian 12's meson is 1.0: meson comes from PyPI, in the
+# release series a tree's meson.build asks for (QEMU bundles that series).
+MESON_VERSION = re.compile(r"meson_version\s*:\s*'>=\s*([0-9.]+)'")
 # Not relocatable: the binary is moved out of its build tree and must read the
 # firmware from these absolute paths, not from ../share/qemu next to itself.
 CONFIGURE_OPTIONS = (
@@ -180,10 +181,13 @@ def _load(directory: Path, cache_hit: bool) -> Entry:
     return Entry(directory, metadata["package"], metadata["version"], cache_hit, options)
 
 
-def _entry(upstream: Path, name: str, make: Callable[[Path], None]) -> Entry:
-    """upstream/name from the cache, else made by `make(work)` in work/entry and renamed into place.
+def cache_entry(upstream: Path, name: str, make: Callable[[Path, Path], None], in_place: bool = False) -> Entry:
+    """upstream/name from the cache, else made by `make(work, entry)`.
 
-    work is a temporary folder in upstream, removed however `make` ends.
+    work is a temporary folder in upstream, removed however `make` ends. entry
+    is work/entry, renamed to upstream/name once made; in_place, entry is
+    upstream/name itself (for builds whose files must stay at the paths they
+    were built at), removed when `make` fails: either way no half entry stays.
     """
     directory = upstream / name
     if _is_entry(directory):
@@ -192,13 +196,22 @@ def _entry(upstream: Path, name: str, make: Callable[[Path], None]) -> Entry:
     upstream.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=upstream, prefix=f".build-{name}-") as tmp:
         work = Path(tmp)
-        (work / "entry").mkdir()
-        make(work)
-        try:
-            (work / "entry").rename(directory)
-        except OSError:
-            if not _is_entry(directory):
+        if in_place:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            try:
+                make(work, directory)
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
                 raise
+        else:
+            (work / "entry").mkdir()
+            make(work, work / "entry")
+            try:
+                (work / "entry").rename(directory)
+            except OSError:
+                if not _is_entry(directory):
+                    raise
     logger.info(f"{name} is ready in {directory}")
     return _load(directory, cache_hit=False)
 
@@ -213,7 +226,7 @@ def unpack_source(apt: PrivateApt, version: str, work: Path) -> Path:
     apt.run(QEMU_SOURCE, "apt-get", "source", "--download-only", f"{QEMU_SOURCE}={version}", cwd=download)
     (dsc,) = download.glob("*.dsc")
     tree = work / "src"
-    _run(QEMU_SOURCE, ["dpkg-source", "-x", str(dsc), str(tree)])
+    _run(QEMU_SOURCE, ["dpkg-source", "--no-copy", "-x", str(dsc), str(tree)])
     shutil.rmtree(download)
     return tree
 
@@ -227,13 +240,13 @@ class BuildLogs:
     failed: Path
 
     def step(self, name: str, args: list[str], cwd: Path | None = None, stdin: str | None = None,
-             timeout: float | None = None) -> str:
+             timeout: float | None = None, env: dict[str, str] | None = None) -> str:
         """Run a step with its output in <folder>/<name>.log and return that output."""
         log_file = self.folder / f"{name}.log"
         try:
             with log_file.open("w") as out:
                 done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, input=stdin,
-                                      text=True, timeout=timeout, check=False)
+                                      text=True, timeout=timeout, env=env, check=False)
         except FileNotFoundError:
             raise VballoonError(f"{self.what}: {args[0]} not found; {INSTALL_HINT}") from None
         except subprocess.TimeoutExpired:
@@ -256,25 +269,46 @@ class BuildLogs:
                             f"log kept in {self.failed / f'{name}.log'}")
 
 
-def build_qemu(tree: Path, work: Path, logs: BuildLogs) -> None:
-    """Configure and build qemu-system-x86_64 in tree/build with meson from PyPI, move it to work/entry, check it."""
+def meson_requirement(tree: Path) -> str:
+    """The pip requirement of meson for a QEMU tree: the release series its meson.build asks for at least."""
+    found = MESON_VERSION.search((tree / "meson.build").read_text(errors="replace")) \
+        if (tree / "meson.build").is_file() else None
+    if found is None:
+        raise VballoonError(f"{tree}: no meson.build with a meson_version; is it a QEMU source tree?")
+    return f"meson~={found[1]}"
+
+
+def build_qemu(tree: Path, build: Path, work: Path, logs: BuildLogs, options: tuple[str, ...] = CONFIGURE_OPTIONS) -> Path:
+    """Configure tree out of tree in `build` with meson from PyPI (a venv in work), build qemu-system-x86_64 there.
+
+    A configure script that takes --meson= (QEMU before the mkvenv era) gets
+    the venv's meson and keeps its own python; a newer one gets the venv's
+    python and finds meson in it.
+    """
     venv = work / "venv"
     python = venv / "bin" / "python3"
     logs.step("venv", [sys.executable, "-m", "venv", str(venv)])
-    logs.step("meson", [str(python), "-m", "pip", "install", MESON_REQUIREMENT])
+    logs.step("meson", [str(python), "-m", "pip", "install", meson_requirement(tree)])
+    configure = tree / "configure"
+    takes_meson = "--meson=" in configure.read_text(errors="replace") if configure.is_file() else False
+    interpreter = f"--meson={venv / 'bin' / 'meson'}" if takes_meson else f"--python={python}"
+    build.mkdir(parents=True, exist_ok=True)
     logger.info(f"configuring QEMU ({logs.folder / 'configure.log'})")
-    logs.step("configure", [str(tree / "configure"), *CONFIGURE_OPTIONS, f"--python={python}"], cwd=tree)
+    logs.step("configure", [str(configure), *options, interpreter], cwd=build)
     jobs = len(os.sched_getaffinity(0))
     logger.info(f"building {QEMU_BINARY} with ninja -j{jobs} ({logs.folder / 'build.log'})")
-    logs.step("build", ["ninja", "-C", str(tree / "build"), f"-j{jobs}", QEMU_BINARY])
-    binary = work / "entry" / QEMU_BINARY
-    shutil.move(tree / "build" / QEMU_BINARY, binary)
-    check_qemu(binary, logs)
+    logs.step("build", ["ninja", "-C", str(build), f"-j{jobs}", QEMU_BINARY])
+    return build / QEMU_BINARY
 
 
 def check_qemu(binary: Path, logs: BuildLogs) -> None:
-    """The binary answers QMP on q35 with virtio-net and virtio-balloon-pci and lists the balloon's trace events."""
-    answers = logs.step("check-qmp", [str(binary), *PROBE_ARGS], stdin=PROBE_QMP, timeout=PROBE_TIMEOUT)
+    """The binary answers QMP on q35 with virtio-net and virtio-balloon-pci and lists the balloon's trace events.
+
+    A sanitizer build checks no leaks here: a leak at exit is a finding of the suites, not a broken build.
+    """
+    environment = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0"}
+    answers = logs.step("check-qmp", [str(binary), *PROBE_ARGS], stdin=PROBE_QMP, timeout=PROBE_TIMEOUT,
+                        env=environment)
     if '"status": "prelaunch"' not in answers:
         logs.fail("check-qmp", "no answer to query-status")
     events = logs.step("check-trace", [str(binary), "-trace", "help"])
@@ -287,16 +321,17 @@ def fetch_qemu(apt: PrivateApt, upstream: Path, version: str, unpack: Unpack = u
     name = entry_name(QEMU_SOURCE, version)
     failed = upstream / f"failed-{name}"
 
-    def make(work: Path) -> None:
+    def make(work: Path, entry: Path) -> None:
         logger.info(f"fetching {QEMU_SOURCE} {version} (source package, about 40 MB)")
         tree = unpack(apt, version, work)
-        logs = BuildLogs(f"{QEMU_SOURCE} {version}", work / "entry" / "logs", failed)
+        logs = BuildLogs(f"{QEMU_SOURCE} {version}", entry / "logs", failed)
         logs.folder.mkdir()
-        build_qemu(tree, work, logs)
-        write_metadata(work / "entry", QEMU_SOURCE, version, {"qemu": QEMU_BINARY})
+        shutil.move(build_qemu(tree, tree / "build", work, logs), entry / QEMU_BINARY)
+        check_qemu(entry / QEMU_BINARY, logs)
+        write_metadata(entry, QEMU_SOURCE, version, {"qemu": QEMU_BINARY})
         shutil.rmtree(failed, ignore_errors=True)
 
-    return _entry(upstream, name, make)
+    return cache_entry(upstream, name, make)
 
 
 # ---------------------------------------------------------------- kernel
@@ -323,18 +358,17 @@ def lay_out_kernel(deb: Path, work: Path, out: Path) -> str:
 def fetch_kernel(apt: PrivateApt, upstream: Path, package: str, version: str, cache_dir: Path) -> Entry:
     """The cached kernel and modules of a trixie linux-image package at version, fetched unless cached."""
 
-    def make(work: Path) -> None:
+    def make(work: Path, entry: Path) -> None:
         logger.info(f"fetching {package} {version}")
         apt.run(package, "apt-get", "download", f"{package}={version}", cwd=work)
         (deb,) = work.glob("*.deb")
-        release = lay_out_kernel(deb, work, work / "entry")
+        release = lay_out_kernel(deb, work, entry)
         options = {"kernel": f"boot/vmlinuz-{release}", "modules": "modules"}
-        image = build_image(kernel=work / "entry" / options["kernel"], modules=work / "entry" / "modules",
-                            cache_dir=cache_dir)
+        image = build_image(kernel=entry / options["kernel"], modules=entry / "modules", cache_dir=cache_dir)
         logger.info(f"kernel {release} checked: guest image {image.key} loads {len(image.modules)} modules")
-        write_metadata(work / "entry", package, version, options)
+        write_metadata(entry, package, version, options)
 
-    return _entry(upstream, entry_name(package, version), make)
+    return cache_entry(upstream, entry_name(package, version), make)
 
 
 # ---------------------------------------------------------------- both

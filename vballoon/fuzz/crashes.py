@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from vballoon.errors import DecodeError
 
 SIDECAR_SUFFIX = ".json"
+VARYING = re.compile(r"==\d+==|0x[0-9a-f]+")
+"""What differs between two QEMU processes' reports of one bug: the pid and the addresses."""
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,14 @@ class Finding:
     observed: dict[str, Any] = field(default_factory=dict)
     allowed: dict[str, Any] = field(default_factory=dict)
     stderr_tail: str = ""
+    sanitizer_report: str = ""
+    """The sanitizer reports QEMU printed (`vballoon.qemu.sanitizers.reports_text`), for a crash."""
 
     @property
     def signature(self) -> str:
-        """What makes two findings the same bug: the kind and the first difference's requirement and subject."""
-        return f"{self.kind}:{self.summary.split(': expected')[0]}"
+        """What makes two findings the same bug: the kind and the first difference's requirement and subject
+        (without the process ids and addresses a sanitizer's headline carries)."""
+        return f"{self.kind}:{VARYING.sub('', self.summary.split(': expected')[0])}"
 
 
 def crash_name(kind: str, data: bytes) -> str:

@@ -22,7 +22,8 @@ and the answer to every host request are compared one by one. The hypothesis dif
 every operation instead (`vballoon.scenario.differential_run`, whose docstring lists what each of the two
 observes, side by side, and why they differ).
 
-A finding is a QEMU crash (exit by signal, assertion, segfault), a hang (a qtest deadline), a device error
+A finding is a QEMU crash (exit by signal, assertion, segfault, a sanitizer's report: its sidecar keeps the
+report), a hang (a qtest deadline), a device error
 (virtio_error) where the reference has none, or an observation outside the reference's allowed outcomes.
 An input that inflates or reports its driver's own rings is a driver violation and yields no finding.
 A difference whose requirement has a known deviation for this QEMU explains the whole input (the two
@@ -49,6 +50,7 @@ from vballoon.qemu.balloon import guest_stats_command, query_balloon_command
 from vballoon.qemu.process import ERROR_LINE, QemuBinary, crash_lines, tail
 from vballoon.qemu.profile import qemu_profile
 from vballoon.qemu.qtest import QtestExpectationFailed
+from vballoon.qemu.sanitizers import reports_text
 from vballoon.qemu.virtio_pci import FIRST_FREE_RAM
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
 from vballoon.requirements import deviation_for
@@ -533,11 +535,12 @@ class QemuDifferential:
         assert self.executor is not None
         machine = self.executor.machine
         hang = "did not answer" in error and machine.process is not None and machine.process.poll() is None
-        stderr_tail = tail(machine.logs.stderr, 20)
-        evidence = crash_lines(self._new_stderr())
+        stderr_tail, stderr = tail(machine.logs.stderr, 20), self._new_stderr()
+        evidence = crash_lines(stderr)
         self.close()
         kind = "hang" if hang and not evidence else "crash"
-        return Finding(kind, f"QEMU {kind}: {'; '.join(evidence) or error}", (error,), stderr_tail=stderr_tail)
+        return Finding(kind, f"QEMU {kind}: {'; '.join(evidence) or error}", (error,), stderr_tail=stderr_tail,
+                       sanitizer_report=reports_text(stderr))
 
     def _judge(self, reference: ReferenceExecutor, expected: Observation, got: Observation, scenario: Scenario,
                expected_side: _Side, got_side: _Side) -> Finding | None:

@@ -86,7 +86,8 @@ class FindingSink:
         self.signatures.add(finding.signature)
         sidecar = {"target": self.target, "kind": finding.kind, "summary": finding.summary,
                    "differences": list(finding.differences), "observed": finding.observed,
-                   "allowed": finding.allowed, "stderr_tail": finding.stderr_tail, "format_version": VERSION,
+                   "allowed": finding.allowed, "stderr_tail": finding.stderr_tail,
+                   "sanitizer_report": finding.sanitizer_report, "format_version": VERSION,
                    "scenario": scenario_to_json(scenario), "fuzzer_input": data.hex(),
                    "found": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    **self.context()}

@@ -17,8 +17,13 @@ are such kinds.
 - The logs stay in the log dir for the caller to keep or delete:
   serial.log, qemu-stderr.log, qmp-transcript.jsonl, qemu-command-line.txt,
   qtest-transcript.txt.
-- QEMU's stderr is read, from any offset, for crash evidence (`CRASH_LINE`)
-  and for the errors QEMU printed (`ERROR_LINE`: virtio_error and others).
+- QEMU runs with vballoon's sanitizer options merged into the user's
+  (`vballoon.qemu.sanitizers.sanitizer_environment`), so a sanitizer-built QEMU
+  runs unchanged.
+- QEMU's stderr is read, from any offset, for crash evidence (`CRASH_LINE`, and
+  sanitizer reports) and for the errors QEMU printed (`ERROR_LINE`: virtio_error
+  and others). A LeakSanitizer report comes only as QEMU exits: `exit_problems`
+  reads what QEMU printed after `stop` began.
 - The start (`boot`, with `qemu-start`: launch to QMP ready) and the stop
   (`qemu-stop`) go on the run's timeline (vballoon.timeline), named after the
   log folder.
@@ -42,6 +47,7 @@ from typing import Any, Self
 from vballoon import timeline
 from vballoon.errors import QemuError, UsageError
 from vballoon.qemu.monitor import Monitor
+from vballoon.qemu.sanitizers import sanitizer_environment, sanitizer_reports
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 30.0
@@ -49,7 +55,7 @@ STOP_TIMEOUT = 5.0
 
 CRASH_LINE = re.compile(r"^(ERROR:.*(assertion failed|code should not be reached).*|.*Assertion .* failed.*|"
                         r".*Segmentation fault.*|.*Aborted.*)$", re.MULTILINE)
-"""A stderr line that means QEMU crashed."""
+"""A stderr line that means QEMU crashed (sanitizer reports are found by `sanitizer_reports`)."""
 ERROR_LINE = re.compile(r"^qemu-system-[^:]+: (?!warning:|terminating on signal|Unable to write to socket|"
                         r".*Assertion .* failed)(.*)$", re.MULTILINE)
 """A stderr line where QEMU reports an error (group 1: its text). Not warnings, not the line QEMU prints when
@@ -161,8 +167,14 @@ def wait_or_signal(process: subprocess.Popen[bytes], timeout: float) -> None:
 
 
 def crash_lines(stderr: str) -> list[str]:
-    """The lines of QEMU's stderr that show a crash."""
-    return [match.group(0).strip() for match in CRASH_LINE.finditer(stderr)]
+    """What in QEMU's stderr shows a crash, in order: each sanitizer report as its headline and first frame,
+    and each assertion, segfault or abort line outside those reports."""
+    reports = sanitizer_reports(stderr)
+    in_report = {index for report in reports for index in report.lines}
+    found = [(report.lines.start, report.describe()) for report in reports]
+    found += [(index, line.strip()) for index, line in enumerate(stderr.splitlines())
+              if index not in in_report and CRASH_LINE.match(line)]
+    return [text for _, text in sorted(found)]
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -188,6 +200,8 @@ class QemuMachine:
         self._qmp: Monitor | None = None
         self._runtime_dir: Path | None = None
         self._expected_errors: list[str] = []
+        self._stop_mark = 0
+        """Where stderr stood when `stop` began: what follows is what QEMU printed on its way out."""
 
     # --- what a kind of machine adds ------------------------------------------
 
@@ -234,7 +248,8 @@ class QemuMachine:
         started = time.time()
         with self.logs.stderr.open("ab") as stderr:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                            preexec_fn=die_with_parent, start_new_session=True)
+                                            env=sanitizer_environment(os.environ), preexec_fn=die_with_parent,
+                                            start_new_session=True)
         try:
             self._qmp.accept(START_TIMEOUT, alive=self.running)
         except QemuError as error:
@@ -251,6 +266,8 @@ class QemuMachine:
         """End QEMU: QMP quit, then SIGTERM, then SIGKILL, each given `stop_timeout`; the runtime dir goes
         whatever happens."""
         started = time.time()
+        if self.running():
+            self._stop_mark = self.mark().stderr
         try:
             self._before_stop()
             self._end_process()
@@ -330,11 +347,17 @@ class QemuMachine:
         return log_since(self.logs.stderr, offset)
 
     def crash_evidence(self, since: int = 0) -> list[str]:
-        """Exit by a signal or a failure status; assertion, segfault or abort lines on stderr after `since`."""
+        """Exit by a signal or a failure status; sanitizer reports, assertion, segfault or abort lines on stderr
+        after `since`."""
         found: list[str] = []
         if self.process is not None and self.process.poll() not in (None, 0):
             found.append(self.exit_description())
         return found + [f"QEMU stderr: {line}" for line in crash_lines(self.stderr_since(since))]
+
+    def exit_problems(self) -> list[str]:
+        """After `stop`: the crash evidence QEMU printed on its way out (a LeakSanitizer report, a crash in
+        its cleanup). Not its exit status: a QEMU that did not quit in time was sent a signal."""
+        return [f"QEMU stderr at exit: {line}" for line in crash_lines(self.stderr_since(self._stop_mark))]
 
     def device_errors(self, since: int = 0) -> list[str]:
         """The errors QEMU printed after `since` (virtio_error and others), in order."""
