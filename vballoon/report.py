@@ -57,9 +57,8 @@ class Coverage:
 
     def sides_for(self, req_id: str) -> list[str]:
         """The sides ('qtest', 'linux') whose tests name `req_id`, in SIDES order."""
-        tests = self.tests_for(req_id)
-        return [side for side in dict.fromkeys(SIDES.values())
-                if any(test.startswith(prefix) for test in tests for prefix, named in SIDES.items() if named == side)]
+        named = {side for test in self.tests_for(req_id) for prefix, side in SIDES.items() if test.startswith(prefix)}
+        return [side for side in dict.fromkeys(SIDES.values()) if side in named]
 
     def result_for(self, req_id: str) -> str:
         """Worst result of the tests naming `req_id`, or NOT_RUN."""
