@@ -67,6 +67,9 @@ def _scenario_seeds() -> dict[str, tuple[Operation, ...]]:
         # QEMU holds hint buffers while the VM is stopped; the bad command id's error comes after cont.
         "hint-short-command-id-while-stopped": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0")),
         "fill-stop-cont-reset": (FillPage(POOL_PFNS[7], 0xEE), negotiate, Stop(), Cont(), Reset(), negotiate),
+        # At cont QEMU's hint iothread raises that error while the main loop's virtio_set_status stores the status
+        # it was called with: the DEVICE_NEEDS_RESET the error set is often lost (VQ-DEV-STATUS-1 deviation).
+        "hint-short-command-id-stopped-then-cont": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0"), Cont()),
         # A hint held while stopped is gone after a reset: no error at cont, though the command id is bad.
         "hint-short-command-id-stopped-then-reset": (negotiate, Stop(), AddBuffer(FREE_PAGE_VQ, b"\0"), negotiate,
                                                      Cont(), negotiate),

@@ -31,7 +31,7 @@ CATALOGUE_HINT = "see vballoon/data/requirements.toml"
 _REQUIRED_KEYS = ("id", "binds", "level", "legacy", "section", "quote", "testable", "how")
 _OPTIONAL_KEYS = ("why", "note")
 _DEVIATION_KEYS = ("requirement", "qemu_versions", "behaviour", "source", "observation")
-_DEVIATION_OPTIONAL_KEYS = ("linux_versions",)
+_DEVIATION_OPTIONAL_KEYS = ("linux_versions", "difference")
 _COMPARATORS = {
     ">=": lambda a, b: a >= b,
     "<=": lambda a, b: a <= b,
@@ -93,6 +93,9 @@ class Deviation:
     bounds: tuple[Bound, ...]
     linux_versions: str | None = None
     linux_bounds: tuple[Bound, ...] = ()
+    difference: str | None = None
+    """The judge's name of the one difference from the requirement this deviation explains
+    (`vballoon.scenario.judge.Difference.what`); None: every difference from it."""
 
     def affects(self, qemu_version: Version, linux_version: tuple[int, ...] | None = None) -> bool:
         """True when QEMU `qemu_version` (and, for a driver-side deviation, Linux `linux_version`) has it."""
@@ -233,11 +236,13 @@ def deviations() -> list[Deviation]:
     return list(_packaged_deviations())
 
 
-def deviation_for(req_id: str, qemu_version: Version,
-                  linux_version: tuple[int, ...] | None = None) -> Deviation | None:
-    """The known deviation from `req_id` of QEMU `qemu_version` (with Linux `linux_version`), if any."""
+def deviation_for(req_id: str, qemu_version: Version, linux_version: tuple[int, ...] | None = None,
+                  difference: str | None = None) -> Deviation | None:
+    """The known deviation from `req_id` of QEMU `qemu_version` (with Linux `linux_version`) that explains
+    `difference` (the judge's name of what differed; None for a check that is not the judge's), if any."""
     return next((dev for dev in _packaged_deviations()
-                 if dev.requirement == req_id and dev.affects(qemu_version, linux_version)), None)
+                 if dev.requirement == req_id and dev.affects(qemu_version, linux_version)
+                 and dev.difference in (None, difference)), None)
 
 
 def unknown_ids(ids: Iterable[str]) -> list[str]:

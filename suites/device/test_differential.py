@@ -2,8 +2,9 @@
 
 A hypothesis state machine applies each generated operation to a fresh QEMU
 (over qtest) and to the reference, and fails on any QEMU observation outside
-the reference's allowed outcomes; the failure shrinks and its message holds
-the standalone reproducer. A difference that a listed deviation explains is
+the reference's allowed outcomes; the failure shrinks for at most
+`vballoon.fuzz.shrinking.SHRINK_SECONDS` (VBALLOON_SHRINK_SECONDS) and its message holds
+the standalone reproducer of the smallest case found. A difference that a listed deviation explains is
 collected, ends that example (the two devices no longer agree on state) and
 turns the test into an expected failure naming the deviation. What is observed of QEMU after each
 operation, against what the fuzzing differential observes once per input: `vballoon.scenario.differential_run`.
@@ -23,11 +24,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from fixtures.qtest_device import TRANSPORTS, DeviceVariant, over
+from vballoon.errors import UsageError
+from vballoon.fuzz.shrinking import ShrinkClock, run_bounded, shrink_seconds
 from vballoon.reference.device import DEFLATEQ, FREE_PAGE_VQ, INFLATEQ, REPORTING_VQ, STATSQ
-from vballoon.requirements import deviation_for
+from vballoon.requirements import Deviation, deviation_for
 from vballoon.session import Session
 from vballoon.spec import (BALLOON_FEATURES, CMD_ID_DONE, CMD_ID_FIRST, CMD_ID_MIN, CMD_ID_STOP, Feature,
                            encode_cmd_id, encode_pfns, encode_stats, feature_mask, has_feature)
@@ -38,7 +41,9 @@ from vballoon.scenario.operations import (POOL_PFNS, AddBuffer, Cont, FillPage, 
                                           scenario_to_json, uses_packed_rings)
 
 DIFFERENTIAL_SETTINGS = settings(max_examples=25, stateful_step_count=15, deadline=None, derandomize=True,
-                                 database=None, suppress_health_check=[HealthCheck.too_slow])
+                                 database=None, suppress_health_check=[HealthCheck.too_slow],
+                                 report_multiple_bugs=False)
+"""One failure shrunk and reported: shrinking starts at the first failure, and its bound is the test's alone."""
 CASES = TRANSPORTS + (DeviceVariant(replace(TRANSPORTS[0].variant, free_page_hint=True, free_page_reporting=True,
                                             deflate_on_oom=True)),)
 RAM_PAGES = 128 << 8
@@ -54,9 +59,10 @@ config_writes = st.sampled_from([(offset, width) for width in (1, 2, 4) for offs
 config_reads = st.sampled_from([(offset, width) for width in (1, 2, 4) for offset in range(0, 16, width)])
 
 
-def differential_machine(session: Session, case: DeviceVariant,
-                         deviations_seen: dict[str, str]) -> type[RuleBasedStateMachine]:
-    """The state machine class for one device variant; `deviations_seen` collects requirement -> what was seen.
+def differential_machine(session: Session, case: DeviceVariant, deviations_seen: dict[Deviation, str],
+                         clock: ShrinkClock) -> type[RuleBasedStateMachine]:
+    """The state machine class for one device variant; `deviations_seen` collects deviation -> what was seen,
+    `clock` hears of each failure.
 
     Each example's QEMU logs live in a temporary directory removed with it:
     a failure carries its reproducer in the message.
@@ -84,16 +90,18 @@ def differential_machine(session: Session, case: DeviceVariant,
             if self.diverged:
                 return
             step = self.run.step(op)
-            known = {d.requirement: d for d in step.differences
-                     if d.requirement and deviation_for(d.requirement, session.qemu.version)}
-            unknown = [d for d in step.differences if d.requirement not in known]
+            judged = [(d, deviation_for(d.requirement, session.qemu.version, difference=d.what) if d.requirement
+                       else None) for d in step.differences]
+            unknown = [d for d, deviation in judged if deviation is None]
             if unknown:
+                clock.failed()
                 raise AssertionError(
                     f"QEMU differs from the reference after {op!r}:\n" + "\n".join(f"  {d}" for d in unknown)
                     + f"\nstandalone reproducer:\n{self.run.reproducer()}")
-            for requirement, difference in known.items():
-                deviations_seen.setdefault(requirement, f"{difference} in scenario {scenario_to_json(self.run.scenario)}")
-            self.diverged = bool(known)
+            for difference, deviation in judged:
+                assert deviation is not None
+                deviations_seen.setdefault(deviation, f"{difference} in scenario {scenario_to_json(self.run.scenario)}")
+            self.diverged = bool(judged)
 
         @initialize(fills=st.lists(st.integers(0, 255), min_size=len(POOL_PFNS), max_size=len(POOL_PFNS)),
                     poison_val=st.sampled_from((0, 0xAAAAAAAA)))
@@ -183,13 +191,23 @@ def differential_machine(session: Session, case: DeviceVariant,
                  "BAL-DEV-FPH-3", "BAL-DEV-FPR-1", "BAL-DEV-FPR-2", "BAL-DEV-LEG-ACT", "BAL-DEV-LEG-ST-FIRST",
                  "VQ-DEV-STATUS-1", "VQ-DEV-PACKED-1")
 @over(CASES)
-def test_qemu_stays_within_the_reference(session: Session, device_variant: DeviceVariant) -> None:
+def test_qemu_stays_within_the_reference(session: Session, device_variant: DeviceVariant,
+                                         shrink_bound: float) -> None:
     """Every generated scenario's observations on QEMU are among the reference device's allowed outcomes."""
-    deviations_seen: dict[str, str] = {}
-    machine = differential_machine(session, device_variant, deviations_seen)
-    run_state_machine_as_test(machine, settings=DIFFERENTIAL_SETTINGS)
+    deviations_seen: dict[Deviation, str] = {}
+    clock = ShrinkClock(shrink_bound)
+    run_bounded(differential_machine(session, device_variant, deviations_seen, clock), DIFFERENTIAL_SETTINGS, clock)
     if deviations_seen:
-        named = "; ".join(f"{requirement} ({deviation_for(requirement, session.qemu.version).behaviour})"  # type: ignore[union-attr]
-                          for requirement in sorted(deviations_seen))
-        first = deviations_seen[min(deviations_seen)]
+        ordered = sorted(deviations_seen, key=lambda deviation: deviation.requirement)
+        named = "; ".join(f"{deviation.requirement} ({deviation.behaviour})" for deviation in ordered)
+        first = deviations_seen[ordered[0]]
         pytest.xfail(f"known deviations of QEMU {'.'.join(map(str, session.qemu.version))} seen: {named}\nfirst seen: {first}")
+
+
+@pytest.fixture(scope="module")
+def shrink_bound() -> float:
+    """The seconds a failure may shrink (VBALLOON_SHRINK_SECONDS, else SHRINK_SECONDS); a bad value is one line."""
+    try:
+        return shrink_seconds()
+    except UsageError as error:
+        pytest.exit(str(error), returncode=4)

@@ -183,6 +183,8 @@ class QemuDifferential:
         """What the previous input changed that a device reset leaves behind."""
         self._error_line_seen = 0.0
         """When this input's first virtio_error message was seen without DEVICE_NEEDS_RESET (0: not yet)."""
+        self.explained: tuple[Difference, ...] = ()
+        """The last input's differences, when a known deviation of this QEMU explained them (it yielded no finding)."""
         self._recent_events: dict[int, float] = {}
         """actual -> when an earlier input or a restore last caused a BALLOON_CHANGE with it: QEMU's rate limit
         can hold one back and emit it (the last of its period) during a later input."""
@@ -300,6 +302,7 @@ class QemuDifferential:
 
     def _run(self, executor: QemuExecutor, scenario: Scenario) -> Finding | None:
         self._error_line_seen = 0.0
+        self.explained = ()
         reference = ReferenceExecutor(self.variant, self.legacy_interface, executor.machine.ram_bytes,
                                        qemu_profile(self.qemu).device_shape, follow_device=True)
         if self._stats_primed:
@@ -558,8 +561,11 @@ class QemuDifferential:
         if not reference.running and reference.device.errors and "cmd id" in reference.device.errors[-1] \
                 and not got.device_errors:
             return None  # QEMU holds hint buffers while the VM is stopped (block_iothread): its error comes later
-        if not differences or _gives_away_driver_memory(scenario) or any(
-                d.requirement and deviation_for(d.requirement, self.qemu.version) for d in differences):
+        if not differences or _gives_away_driver_memory(scenario):
+            return None
+        if any(d.requirement and deviation_for(d.requirement, self.qemu.version, difference=d.what)
+               for d in differences):
+            self.explained = tuple(differences)
             return None
         kind = "device-error" if got.device_errors and not expected.device_errors else "difference"
         return Finding(kind, str(differences[0]), tuple(map(str, differences)), _fingerprint(got),
