@@ -1,6 +1,6 @@
 """The vballoon pytest plugin: options, matrix parametrisation, requirement marks, the requirements property.
 
-Options (see README): --qemu, --kernel, --modules, --accel, --matrix, --variant;
+Options (see README): --qemu, --kernel, --modules, --accel, --matrix, --variant, --cold;
 --shard splits a run over machines (fixtures/shards.py).
 A test that takes a `variant` argument runs once per variant of the chosen
 tier (or of the --variant names). A test names the spec statements it checks
@@ -37,6 +37,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="accelerator: auto probes KVM and falls back to TCG")
     group.addoption("--matrix", default=os.environ.get("VBALLOON_MATRIX", "quick"), choices=TIERS,
                     help="variant tier: quick (3), standard (pairwise), full (every combination)")
+    group.addoption("--cold", action="store_true", default=os.environ.get("VBALLOON_WARM") == "0",
+                    help="boot every guest: no warm starts from guests saved after their boot (VBALLOON_WARM=0)")
     group.addoption("--variant", action="append", default=[],
                     help="run only this variant (repeatable), e.g. pci-modern+doom+fph")
 
@@ -92,7 +94,8 @@ def session(pytestconfig: pytest.Config) -> Session:
     """The run's QEMU, kernel, modules and accelerator request, resolved once."""
     try:
         return Session.from_options(pytestconfig.getoption("--qemu"), pytestconfig.getoption("--accel"),
-                                    pytestconfig.getoption("--kernel"), pytestconfig.getoption("--modules"))
+                                    pytestconfig.getoption("--kernel"), pytestconfig.getoption("--modules"),
+                                    warm=not pytestconfig.getoption("--cold"))
     except VballoonError as error:
         pytest.exit(str(error), returncode=4)
 

@@ -13,12 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from vballoon.errors import VballoonError
 from vballoon.matrix import Variant
 from vballoon.qemu.machine import Machine, MachineSpec
 from vballoon.qemu.process import QemuBinary
+from vballoon.qemu.snapshots import SnapshotCache
 from vballoon.session import Session
 
 BOOT_TARGET_S = 5.0  # issue target: median boot-to-SSH under TCG on a 2-core host
+WARM_TARGET_S = 1.0  # issue target: median warm start (snapshot load) to SSH under TCG
 
 
 def process_rss_kib(pid: int) -> int:
@@ -30,45 +33,73 @@ def process_rss_kib(pid: int) -> int:
 
 
 def run_boot_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None,
-                       variant_name: str, boots: int, out: Path) -> dict[str, object]:
-    """Boot `boots` guests one after another; record boot-to-SSH seconds and QEMU RSS."""
-    session = Session.from_options(qemu, accel, kernel, modules)
+                       variant_name: str, boots: int, out: Path, warm_starts: int = 0) -> dict[str, object]:
+    """Boot `boots` guests one after another, then (with `warm_starts`) start that many warm from a snapshot the
+    first boot saved in a cache of the benchmark's own; record seconds to SSH and QEMU RSS of each."""
+    session = Session.from_options(qemu, accel, kernel, modules, warm=False)
     variant = Variant.from_name(variant_name)
     image = session.image_for(variant)
     choice = session.accel(image)
-    seconds: list[float] = []
-    rss_mib: list[float] = []
-    for number in range(1, boots + 1):
-        with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as logs:
+    with tempfile.TemporaryDirectory(prefix="vballoon-bench-") as work:
+        snapshots = SnapshotCache(Path(work) / "snapshots")
+
+        def timed_start(number: int, warm: bool) -> tuple[float, float]:
+            spec = MachineSpec(variant, image, session.qemu, choice.accel, Path(work) / f"logs-{number}")
             started = time.monotonic()
-            with Machine(MachineSpec(variant, image, session.qemu, choice.accel, Path(logs))) as machine:
+            machine = snapshots.start(spec) if warm else Machine(spec)
+            try:
+                if not warm:
+                    machine.start()
                 elapsed = time.monotonic() - started
+                if warm and not machine.warm:
+                    raise VballoonError(f"--warm: the guest of {variant.name} booted cold; see {spec.log_dir}")
                 machine.ssh.output("true")
                 rss = process_rss_kib(machine.pid) / 1024
-        seconds.append(round(elapsed, 3))
-        rss_mib.append(round(rss, 1))
-        print(f"boot {number}/{boots}: SSH after {elapsed:.2f} s, QEMU RSS {rss:.0f} MiB")
+            finally:
+                machine.stop()
+            kind = "warm start" if warm else "boot"
+            print(f"{kind} {number}: SSH after {elapsed:.2f} s, QEMU RSS {rss:.0f} MiB")
+            return round(elapsed, 3), round(rss, 1)
+
+        cold = [timed_start(number, warm=False) for number in range(1, boots + 1)]
+        warm: list[tuple[float, float]] = []
+        if warm_starts:
+            snapshots.start(MachineSpec(variant, image, session.qemu, choice.accel, Path(work) / "logs-save")).stop()
+            warm = [timed_start(number, warm=True) for number in range(1, warm_starts + 1)]
     result: dict[str, object] = {
         "benchmark": "boot-to-ssh",
         "qemu": session.qemu.version_text,
         "kernel": image.kernel_version,
         "accelerator": choice.accel,
         "variant": variant.name,
-        "boot_seconds": seconds,
-        "median_s": statistics.median(seconds),
-        "min_s": min(seconds),
-        "max_s": max(seconds),
-        "stdev_s": round(statistics.stdev(seconds), 3) if len(seconds) > 1 else 0.0,
-        "qemu_rss_mib": rss_mib,
-        "median_rss_mib": statistics.median(rss_mib),
-        "target_median_s": BOOT_TARGET_S,
-        "meets_target": statistics.median(seconds) <= BOOT_TARGET_S,
+        **figures("", cold, BOOT_TARGET_S),
     }
+    if warm:
+        result.update(figures("warm_", warm, WARM_TARGET_S))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"median boot-to-SSH {result['median_s']} s (target {BOOT_TARGET_S} s), "
           f"spread {result['min_s']}-{result['max_s']} s, median QEMU RSS {result['median_rss_mib']} MiB -> {out}")
+    if warm:
+        print(f"median warm start to SSH {result['warm_median_s']} s (target {WARM_TARGET_S} s), "
+              f"spread {result['warm_min_s']}-{result['warm_max_s']} s, against {result['median_s']} s cold")
     return result
+
+
+def figures(prefix: str, runs: list[tuple[float, float]], target: float) -> dict[str, object]:
+    """Seconds and RSS of `runs` ((seconds, RSS MiB) each): every value, median, spread, and the target's verdict."""
+    seconds, rss_mib = [s for s, _ in runs], [r for _, r in runs]
+    return {
+        f"{prefix}boot_seconds": seconds,
+        f"{prefix}median_s": statistics.median(seconds),
+        f"{prefix}min_s": min(seconds),
+        f"{prefix}max_s": max(seconds),
+        f"{prefix}stdev_s": round(statistics.stdev(seconds), 3) if len(seconds) > 1 else 0.0,
+        f"{prefix}qemu_rss_mib": rss_mib,
+        f"{prefix}median_rss_mib": statistics.median(rss_mib),
+        f"{prefix}target_median_s": target,
+        f"{prefix}meets_target": statistics.median(seconds) <= target,
+    }
 
 
 MATRIX_TARGETS_S = {"quick": 180.0, "standard": 900.0}  # issue targets for suites/guest under TCG

@@ -43,6 +43,14 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     return int(pytest.main(["suites", *rest]))
 
 
+def _cmd_image_clean(args: argparse.Namespace, rest: list[str]) -> int:
+    from vballoon.qemu.snapshots import SnapshotCache
+
+    snapshots = SnapshotCache.in_cache()
+    print(f"deleted the warm-start snapshots in {snapshots.directory}: {snapshots.clean() >> 20} MiB freed")
+    return 0
+
+
 def _cmd_image_build(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.guest.image import build_image
 
@@ -105,7 +113,8 @@ def _cmd_report_timeline(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_bench_boot(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.benchmarks import run_boot_benchmark
 
-    run_boot_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.variant, args.boots, Path(args.out))
+    run_boot_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.variant, args.boots, Path(args.out),
+                       warm_starts=args.warm_starts if args.warm else 0)
     return 0
 
 
@@ -243,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     image = commands.add_parser("image", help="the guest image").add_subparsers(dest="action", required=True)
+    clean = image.add_parser("clean", help="delete the guests saved for warm starts (the images stay)")
+    clean.set_defaults(handler=_cmd_image_clean)
     build = image.add_parser("build", help="build (or find in the cache) the guest image")
     build.add_argument("--kernel-package", default="linux-image-cloud-amd64",
                        help="Debian kernel metapackage (linux-image-amd64 has CONFIG_PAGE_POISONING)")
@@ -306,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_options(boot)
     boot.add_argument("--variant", default="pci-modern")
     boot.add_argument("--boots", type=positive_int, default=5)
+    boot.add_argument("--warm", action="store_true", help="also start guests warm from a snapshot the first boot saves")
+    boot.add_argument("--warm-starts", type=positive_int, default=10, help="how many warm starts --warm times")
     boot.add_argument("--out", default="reports/bench-boot.json")
     boot.set_defaults(handler=_cmd_bench_boot)
     balloon = bench.add_parser("balloon", help="inflate/deflate MiB/s and p50/p95 latency from QMP balloon to "

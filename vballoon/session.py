@@ -1,8 +1,8 @@
-"""What one vballoon run tests: which QEMU, which kernel, which accelerator.
+"""What one vballoon run tests: which QEMU, which kernel, which accelerator; whether guests start warm.
 
 Shared by the pytest plugin, the benchmarks and the CLI so that all three
-resolve `--qemu`, `--kernel`, `--modules` and `--accel` the same way and
-build each guest image once per run.
+resolve `--qemu`, `--kernel`, `--modules`, `--accel` and `--cold` the same
+way and build each guest image once per run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from vballoon.guest.image import GuestImage, build_image
 from vballoon.matrix import Variant
 from vballoon.qemu.accel import AccelChoice, choose_accel
 from vballoon.qemu.process import QemuBinary
+from vballoon.qemu.snapshots import SnapshotCache
 
 REPORTS = Path("reports")
 
@@ -31,14 +32,16 @@ class Session:
     kernel: Path | None = None
     modules: Path | None = None
     reports: Path = REPORTS
+    snapshots: SnapshotCache | None = None
+    """Where guests are saved after their boot and started warm from; None: every guest boots."""
     _images: dict[str, GuestImage] = field(default_factory=dict)
     _accel: AccelChoice | None = None
 
     @classmethod
     def from_options(cls, qemu: str | None, accel: str, kernel: str | None, modules: str | None,
-                     reports: Path = REPORTS) -> "Session":
+                     reports: Path = REPORTS, warm: bool = True) -> "Session":
         return cls(QemuBinary.find(qemu), accel, Path(kernel) if kernel else None,
-                   Path(modules) if modules else None, reports)
+                   Path(modules) if modules else None, reports, SnapshotCache.in_cache() if warm else None)
 
     @property
     def worker_tag(self) -> str:

@@ -39,8 +39,8 @@ RUN_FILE = "run.json"
 EVENTS_SUFFIX = ".jsonl"
 TEST_PHASES = ("setup", "call", "teardown")
 BOOT = "boot"
-BOOT_STAGES = ("qemu-start", "kernel", "init", "ssh")
-MACHINE_KINDS = (*BOOT_STAGES, "health", "restore", "qemu-stop")
+BOOT_STAGES = ("qemu-start", "kernel", "init", "snapshot-load", "ssh")
+MACHINE_KINDS = (*BOOT_STAGES, "snapshot-save", "health", "restore", "qemu-stop")
 TOP = 15
 
 

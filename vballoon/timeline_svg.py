@@ -2,7 +2,7 @@
 
 Each lane has two rows: the tests (collect, setup, call, teardown) above, the
 machines below (a boot's outline around its stages qemu-start, kernel, init
-and ssh; health, restore, qemu-stop). Gaps in the test row are the worker's
+or snapshot-load, and ssh; snapshot-save, health, restore, qemu-stop). Gaps in the test row are the worker's
 idle time. Every bar has a tooltip (its name, test, variant, seconds) and
 `data-kind`, `data-start` attributes. The title gives the wall time and each
 worker's busy %.
@@ -29,8 +29,8 @@ LANE_HEIGHT = 2 * ROW + 16
 TEST_KINDS = ("collect", *TEST_PHASES)
 COLOURS = {
     "collect": "#bdbdbd", "setup": "#9ecae1", "call": "#2171b5", "teardown": "#6baed6",
-    "qemu-start": "#fdae6b", "kernel": "#d94801", "init": "#f16913", "ssh": "#fdd0a2",
-    "health": "#41ab5d", "restore": "#a1d99b", "qemu-stop": "#969696",
+    "qemu-start": "#fdae6b", "kernel": "#d94801", "init": "#f16913", "snapshot-load": "#fee391",
+    "ssh": "#fdd0a2", "snapshot-save": "#807dba", "health": "#41ab5d", "restore": "#a1d99b", "qemu-stop": "#969696",
 }
 FAILED_STROKE = "#d62728"
 

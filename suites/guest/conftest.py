@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.guest_vm import DMESG_FILE, OOM_REPORT_MARK
+from fixtures.guest_vm import COLD_BOOT_MARK, DMESG_FILE, OOM_REPORT_MARK
 from vballoon.matrix import Variant
 
 HERE = Path(__file__).parent
@@ -16,6 +16,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{OOM_REPORT_MARK}: the test exhausts the guest's memory on purpose; the "
                                        "kernel's reports of it (OOM killer, page allocation failure, with their Call "
                                        "Trace) are allowed in the guest's log, nothing else")
+    config.addinivalue_line("markers", f"{COLD_BOOT_MARK}: the test checks the guest's boot (probe, negotiation at "
+                                       "probe, the boot log): its guest boots, it is never started from a snapshot")
 
 
 # tryfirst: pytest-xdist reads the xdist_group marks in its own pytest_collection_modifyitems, which runs before
@@ -23,7 +25,8 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Stable-sort this folder's tests by variant, in tier order, keeping each variant's tests in file order,
-    except that tests taking `fresh_vm` come last: they end the variant's shared guest."""
+    except that `cold_boot` tests come first (the guest they boot then serves the variant's other tests) and tests
+    taking `fresh_vm` last (they end the variant's shared guest)."""
     def variant_of(item: pytest.Item) -> str | None:
         callspec = getattr(item, "callspec", None)
         in_here = HERE in Path(str(item.fspath)).parents
@@ -34,8 +37,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         name = variant_of(item)
         if name is not None:
             order.setdefault(name, len(order))
-    def key(item: pytest.Item) -> tuple[int, bool]:
-        return order[variant_of(item) or ""], "fresh_vm" in getattr(item, "fixturenames", ())
+    def key(item: pytest.Item) -> tuple[int, bool, bool]:
+        return (order[variant_of(item) or ""], item.get_closest_marker(COLD_BOOT_MARK) is None,
+                "fresh_vm" in getattr(item, "fixturenames", ()))
 
     guest_items = sorted((i for i in items if variant_of(i) is not None), key=key)
     for item in guest_items:

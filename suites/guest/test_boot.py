@@ -11,6 +11,7 @@ from vballoon.qemu.virtio_status import sysfs_feature_bits
 from vballoon.session import Session
 
 VIRTIO_ID_BALLOON = 5
+pytestmark = pytest.mark.cold_boot  # what the guest negotiated at probe and its first state: a booted guest's
 
 
 def guest_balloon_features(vm: Machine) -> frozenset[int]:

@@ -12,6 +12,7 @@ Its boot's stages after QMP is ready (`kernel` to /init, `init` to sshd,
 
 from __future__ import annotations
 
+import shlex
 import socket
 import time
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ HOSTFWD_RETRIES = 5
 HOSTFWD_FAILED = "Could not set up host forwarding rule"
 BOOT_TIMEOUT = 90.0
 SSH_TIMEOUT = 30.0
+SNAPSHOT_LOAD_TIMEOUT = 60.0
+LOADING_STATES = ("inmigrate", "prelaunch")
+"""query-status of a machine that has not finished loading an incoming guest."""
 SERIAL_POLL_S = 0.1
 """How often the serial console is read while booting: the ready line is noticed (and timed) within this."""
 
@@ -52,6 +56,41 @@ class MachineSpec:
     paused: bool = False
     """Stay stopped (-S) once started (after the incoming stream is loaded)."""
     boot_timeout: float = BOOT_TIMEOUT
+    snapshot: Path | None = None
+    """A saved guest of this spec to load and continue instead of booting (a warm start); SSH is connected after.
+    A migration destination, built from its source's spec, has `incoming` and ignores it."""
+
+
+def guest_arguments(spec: MachineSpec, ssh_port: int, serial: Path) -> list[str]:
+    """What QEMU runs for `spec`'s guest, the SSH port and serial log given: everything but how it starts
+    (`-incoming`, `-S`), trace events and QMP. With the port and the log path fixed, it says which saved guests
+    this one can load."""
+    image = spec.image
+    machine = f"q35,accel={spec.accel}"
+    backend = memory_backend(spec)
+    args = [
+        "-cpu", "max" if spec.accel == "tcg" else "host", "-smp", "1", "-m", f"{spec.memory_mib}M",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-append", " ".join([image.kernel_cmdline, *spec.variant.kernel_args]),
+        "-chardev", f"file,id=serial0,path={serial}", "-serial", "chardev:serial0",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=net0,romfile=",
+    ]
+    if backend:
+        args += ["-object", backend]
+        machine += ",memory-backend=mem0"
+    return ["-machine", machine, *args, *device_args(spec.variant), *spec.extra_args]
+
+
+def memory_backend(spec: MachineSpec) -> str | None:
+    """The -object of the variant's RAM backend; None for plain anonymous memory."""
+    size = f"size={spec.memory_mib}M"
+    return {
+        "anon": None,
+        "shm": f"memory-backend-ram,id=mem0,{size},share=on",
+        "memfd": f"memory-backend-memfd,id=mem0,{size}",
+        "hugetlb": f"memory-backend-file,id=mem0,{size},mem-path={hugetlbfs_mount()},share=on",
+    }[spec.variant.backend]
 
 
 def free_local_port() -> int:
@@ -65,7 +104,7 @@ class Machine(QemuMachine):
     """A QEMU guest booted for one variant, reachable over QMP and SSH."""
 
     def __init__(self, spec: MachineSpec) -> None:
-        super().__init__(spec.qemu, spec.log_dir, spec.trace_events, spec.extra_args)
+        super().__init__(spec.qemu, spec.log_dir, spec.trace_events)
         self.spec = spec
         self._expected_console_trouble: list[str] = []
         self.ssh_port = 0
@@ -101,42 +140,21 @@ class Machine(QemuMachine):
                         "free some ports or stop other guests")
 
     def _after_launch(self) -> None:
-        if self.spec.incoming is None:
+        if self.warm:
+            self.continue_snapshot(self.spec.boot_timeout)
+        elif self.spec.incoming is None:
             self.wait_ready(self.spec.boot_timeout)
 
     def _before_stop(self) -> None:
-        if self._shell is not None:
-            self._shell.close()
-            self._shell = None
+        self.disconnect_ssh()
 
     def _arguments(self) -> list[str]:
-        spec, image = self.spec, self.spec.image
-        machine = f"q35,accel={spec.accel}"
-        backend = self._memory_backend()
-        args = [
-            "-cpu", "max" if spec.accel == "tcg" else "host", "-smp", "1", "-m", f"{spec.memory_mib}M",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", " ".join([image.kernel_cmdline, *spec.variant.kernel_args]),
-            "-chardev", f"file,id=serial0,path={self.logs.serial}", "-serial", "chardev:serial0",
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=net0,romfile=",
-        ]
-        if backend:
-            args += ["-object", backend]
-            machine += ",memory-backend=mem0"
-        args = ["-machine", machine, *args, *device_args(spec.variant)]
-        if spec.incoming:
-            args += ["-incoming", spec.incoming]
+        spec = self.spec
+        incoming = f"exec:cat {shlex.quote(str(spec.snapshot))}" if self.warm else spec.incoming
+        args = guest_arguments(spec, self.ssh_port, self.logs.serial)
+        if incoming:
+            args += ["-incoming", incoming]
         return args + (["-S"] if spec.paused else [])
-
-    def _memory_backend(self) -> str | None:
-        size = f"size={self.spec.memory_mib}M"
-        return {
-            "anon": None,
-            "shm": f"memory-backend-ram,id=mem0,{size},share=on",
-            "memfd": f"memory-backend-memfd,id=mem0,{size}",
-            "hugetlb": f"memory-backend-file,id=mem0,{size},mem-path={hugetlbfs_mount()},share=on",
-        }[self.spec.variant.backend]
 
     # --- the guest ----------------------------------------------------------------------
 
@@ -169,6 +187,31 @@ class Machine(QemuMachine):
         self.timeline_record("init", init_at, sshd_at)
         self.timeline_record("ssh", sshd_at, time.time())
 
+    @property
+    def warm(self) -> bool:
+        """Whether this guest starts from a snapshot rather than booting (or loading a migration)."""
+        return self.spec.snapshot is not None and self.spec.incoming is None
+
+    def continue_snapshot(self, timeout: float) -> None:
+        """Wait until the saved guest is loaded (it was saved stopped, so it stays paused), continue it, connect
+        SSH; time the stages. A snapshot QEMU cannot load ends QEMU: QemuError with its stderr."""
+        loading_since = time.time()
+
+        def loaded() -> bool:
+            self.check_alive()
+            return str(self.qmp.command("query-status")["status"]) not in LOADING_STATES
+
+        try:
+            wait_for(loaded, min(timeout, SNAPSHOT_LOAD_TIMEOUT), f"QEMU to load the snapshot {self.spec.snapshot}",
+                     interval=SERIAL_POLL_S / 5, max_interval=SERIAL_POLL_S)
+        except DeadlineExceeded as error:
+            raise GuestError(f"{error} ({self.logs.describe()})") from None
+        self.qmp.command("cont")
+        loaded_at = time.time()
+        self.connect_ssh(SSH_TIMEOUT)
+        self.timeline_record("snapshot-load", loading_since, loaded_at)
+        self.timeline_record("ssh", loaded_at, time.time())
+
     def connect_ssh(self, timeout: float) -> None:
         """Connect SSH to this QEMU's forwarded port without reading the serial log.
 
@@ -179,6 +222,12 @@ class Machine(QemuMachine):
         shell = GuestShell(self.ssh_port, self.image.ssh_key, self.image.ssh_user)
         shell.connect(timeout)
         self._shell = shell
+
+    def disconnect_ssh(self) -> None:
+        """Close SSH (before the guest is saved, or QEMU stopped); `connect_ssh` reconnects."""
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
 
     @property
     def ssh(self) -> GuestShell:
