@@ -1,14 +1,26 @@
-"""Host memory a QEMU process holds for its guest: resident pages plus hugetlbfs pages (BAL-DRV-OP-1, BAL-DRV-FPR-6).
+"""Host memory a QEMU process holds for its guest (BAL-DRV-OP-1, BAL-DRV-OP-2, BAL-DRV-FPR-6).
 
-/proc/PID/smaps_rollup leaves hugetlbfs mappings out of Rss; /proc/PID/smaps
-counts them per mapping as Shared_Hugetlb and Private_Hugetlb.
+The total: resident pages plus hugetlbfs pages. /proc/PID/smaps_rollup leaves
+hugetlbfs mappings out of Rss; /proc/PID/smaps counts them per mapping as
+Shared_Hugetlb and Private_Hugetlb. Rss counts private anonymous pages and the
+shared or memfd pages QEMU maps; a page QEMU discards (MADV_DONTNEED,
+MADV_REMOVE, fallocate PUNCH_HOLE) leaves its mapping, so it leaves Rss.
+Per guest page: /proc/PID/pagemap, bit 63 "present" for each host virtual page.
 """
 
 from __future__ import annotations
 
+import time
+from array import array
 from pathlib import Path
 
+from vballoon.spec import PAGE_SIZE
+from vballoon.waiting import wait_for
+
 COUNTED_FIELDS = ("Rss:", "Shared_Hugetlb:", "Private_Hugetlb:")
+PAGEMAP_PRESENT = 1 << 63
+PAGEMAP_ENTRY_BYTES = 8
+SETTLED_SLACK = 1 << 20  # a settled process's memory moves by less than 1 MiB over the quiet period
 
 
 def qemu_memory_bytes(pid: int) -> int:
@@ -18,3 +30,28 @@ def qemu_memory_bytes(pid: int) -> int:
         if line.startswith(COUNTED_FIELDS):
             total_kib += int(line.split()[1])
     return total_kib * 1024
+
+
+def settled_memory_bytes(pid: int, quiet_s: float, timeout: float) -> int:
+    """Wait until the process's host memory moved by less than SETTLED_SLACK over `quiet_s` seconds; return it."""
+    samples: list[tuple[float, int]] = []
+
+    def settled() -> int | None:
+        now = time.monotonic()
+        samples.append((now, qemu_memory_bytes(pid)))
+        window = [value for at, value in samples if at >= now - quiet_s]
+        if samples[0][0] > now - quiet_s or max(window) - min(window) >= SETTLED_SLACK:
+            return None
+        return samples[-1][1]
+
+    return wait_for(settled, timeout, f"QEMU pid {pid}'s host memory to stay within {SETTLED_SLACK} bytes for "
+                    f"{quiet_s:g} s", interval=0.5, max_interval=0.5,
+                    describe_last=lambda: f"last samples {[value for _, value in samples[-5:]]}")
+
+
+def present_pages(pid: int, hva: int, pages: int) -> bytes:
+    """For each of `pages` host pages from virtual address `hva`, 1 if it is present in memory, else 0."""
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        pagemap.seek(hva // PAGE_SIZE * PAGEMAP_ENTRY_BYTES)
+        entries = array("Q", pagemap.read(pages * PAGEMAP_ENTRY_BYTES))
+    return bytes(1 if entry & PAGEMAP_PRESENT else 0 for entry in entries)
