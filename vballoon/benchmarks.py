@@ -91,12 +91,12 @@ def figures(prefix: str, runs: list[tuple[float, float]], target: float) -> dict
     seconds, rss_mib = [s for s, _ in runs], [r for _, r in runs]
     return {
         f"{prefix}boot_seconds": seconds,
-        f"{prefix}median_s": statistics.median(seconds),
+        f"{prefix}median_s": round(statistics.median(seconds), 3),
         f"{prefix}min_s": min(seconds),
         f"{prefix}max_s": max(seconds),
         f"{prefix}stdev_s": round(statistics.stdev(seconds), 3) if len(seconds) > 1 else 0.0,
         f"{prefix}qemu_rss_mib": rss_mib,
-        f"{prefix}median_rss_mib": statistics.median(rss_mib),
+        f"{prefix}median_rss_mib": round(statistics.median(rss_mib), 1),
         f"{prefix}target_median_s": target,
         f"{prefix}meets_target": statistics.median(seconds) <= target,
     }
