@@ -21,8 +21,10 @@ Everything is judged on the source while the migration runs, then the
 migration is cancelled, so the destination's memory (unreliable under TCG
 with QEMU < 9.0, see fixtures/migration.py) never matters.
 
-Variant: pci-modern+fph only. The shrinker and the block list do not depend
-on the transport; the legacy transport's hinting is covered in test_hinting.py.
+The guest is of GUEST_MIB: the hog only needs to be larger than what hinting
+leaves free. Variant: pci-modern+fph only. The shrinker and the block list do
+not depend on the transport; the legacy transport's hinting is covered in
+test_hinting.py.
 """
 
 from __future__ import annotations
@@ -38,17 +40,20 @@ from vballoon.qemu.migration import balloon_config_u32
 from vballoon.spec import CMD_ID_DONE, ConfigField
 from vballoon.waiting import wait_for
 
-STALE_MIB = 300
+STALE_MIB = 128
 # 1 MiB/s: the first RAM pass outlasts the test by minutes, so no dirty-bitmap sync (and no new command id)
 # comes while the hog runs.
 SLOW_BANDWIDTH = 1 << 20
 HINTING_DEADLINE_S = 60.0
-HINTED_AT_LEAST = 128 * MIB
+# Hinting held 156 MiB of the 256 MiB guest with Linux 6.1 (2 runs) and 130 MiB with 6.12, which keeps more for
+# itself; what the hog needs beyond MemFree is checked apart.
+HINTED_AT_LEAST = 96 * MIB
 HOG_MARGIN_MIB = 48  # below MemAvailable before hinting: room for the SSH session and the kernel's reserves
 HOG_DEADLINE_S = 180.0
 # Of what the hog needed beyond MemFree while hinting, the share that must be free again once it exits, with
 # hinting still holding whatever the shrinker left. Measured 1.02-1.13 in 3 runs (2 cores, TCG; hinting held
-# 416 MiB, the hog took 387 MiB); the rest of reclaim (page cache, slab) is a few MiB in this guest.
+# 416 MiB of a 512 MiB guest, the hog took 387 MiB), 1.05 in 2 runs of a 256 MiB guest (hinting held 156 MiB,
+# the hog took 139 MiB); the rest of reclaim (page cache, slab) is a few MiB in this guest.
 RETURNED_AT_LEAST = 0.75
 # MemFree after DONE versus before migration: test_hinting.py measured at most 2 MiB lower.
 MEM_FREE_TOLERANCE = 16 * MIB
@@ -83,7 +88,7 @@ def test_shrinker_returns_hinted_pages_under_pressure(migration_lab: MigrationLa
     touch_and_free(source, STALE_MIB)
     before = read_guest_memory(source.ssh)
     hog_mib = before.mem("MemAvailable") // MIB - HOG_MARGIN_MIB
-    with migration_lab.migration(source, parameters={"max-bandwidth": SLOW_BANDWIDTH}) as migration:
+    with migration_lab.migration(source, bandwidth=SLOW_BANDWIDTH) as migration:
         migration.start()
         hinting = hinting_holds(source, before)
         syncs = dirty_syncs(source)

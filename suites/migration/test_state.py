@@ -5,6 +5,7 @@ setting that QEMU 7.2 does not migrate, so, as a management layer does, the
 destination is given the same interval before the stream arrives. After the
 switchover the driver must keep answering: BALLOON_CHANGE follows a new target
 (BAL-DRV-ACT-1) and a stats buffer comes back at each poll (BAL-DRV-ST-3).
+A test of state: a guest of GUEST_MIB, migrated uncapped.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from itertools import pairwise
 
 import pytest
 
-from fixtures.migration import MIGRATION_VARIANTS, MigrationLab, assert_guest_healthy, over
+from fixtures.migration import GUEST_MIB, MIGRATION_VARIANTS, MigrationLab, assert_guest_healthy, over
 from vballoon.qemu.machine import Machine
 from vballoon.waiting import wait_for
 
 MIGRATION_TIMEOUT = 60.0
 STATS_INTERVAL_S = 2
-INFLATED_RAM = 384 << 20
-NEW_TARGET_RAM = 448 << 20
+INFLATED_RAM = (GUEST_MIB - 64) << 20
+NEW_TARGET_RAM = (GUEST_MIB - 32) << 20
 BALLOON_CHANGE_TIMEOUT = 60.0
 STATS_UPDATES = 2
 # Each poll is answered within one interval plus TCG scheduling noise (measured under 1 s here).

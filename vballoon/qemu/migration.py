@@ -35,6 +35,9 @@ from vballoon.waiting import DeadlineExceeded, wait_for
 FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 RUNNING_STATES = frozenset({"setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling"})
 CANCEL_TIMEOUT = 30.0
+NO_RATE_LIMIT = 0
+"""`max-bandwidth` for a migration sent as fast as QEMU can: a limit of 0 is none (QEMU 7.2's qemu_file_rate_limit,
+10.0's RATE_LIMIT_DISABLED). Left unset, QEMU caps every migration at its default max-bandwidth."""
 SSH_AFTER_MIGRATION_TIMEOUT = 30.0
 LOADING_STATES = ("inmigrate", "prelaunch")
 """query-status of a destination that has not finished loading the guest."""
