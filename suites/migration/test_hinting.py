@@ -20,6 +20,9 @@ where hints must land, or a cancel come, while RAM is still being sent.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -260,8 +263,8 @@ def test_driver_closes_hinting_with_stop_and_stays_quiet_after_done(migration_la
     """After a migration to a file (DONE) and `cont`, the newest buffer the driver put on the free page queue is
     an out buffer holding STOP: it closed its last round of hints (BAL-DRV-FPH-6); then the guest frees
     LARGE_STALE_MIB again and the queue's avail index does not move: no hints after DONE (BAL-DRV-FPH-5). Read
-    from the driver's own ring in guest memory, not from QEMU's pops (QEMU pops that queue only while it wants
-    hints). (Broken on purpose: reading the statsq instead finds a stats buffer, not STOP.)"""
+    from the driver's own ring in guest memory, not from QEMU's pops (QEMU takes any out buffer after START for a
+    STOP without reading it). (Broken on purpose: reading the statsq instead finds a stats buffer, not STOP.)"""
     source = migration_lab.boot(migration_variant, memory_mib=LARGE_GUEST_MIB)
     touch_and_free(source, LARGE_STALE_MIB)
     migrate_to_file_watching_ids(migration_lab, source, "to-file", HINTING_BANDWIDTH)
@@ -276,6 +279,95 @@ def test_driver_closes_hinting_with_stop_and_stays_quiet_after_done(migration_la
     assert later.avail_idx == closed.avail_idx, (
         f"BAL-DRV-FPH-5: after DONE the driver should stop supplying hints; its free page queue went from "
         f"{closed.describe()} to {later.describe()} while the guest freed {LARGE_STALE_MIB} MiB")
+    assert_guest_healthy(source)
+
+
+# The guest kernel's own record of what the driver adds to its free page queue: kprobes on virtio_ring's
+# virtqueue_add_outbuf and virtqueue_add_inbuf (Linux 6.1 and 6.12) with the queue's name (struct virtqueue's name
+# pointer, after its list_head and callback) and, for an out buffer, its first 4 bytes (Linux passes the buffer as
+# the token: &vb->cmd_id_active, &vb->cmd_id_stop). QEMU's trace cannot tell them apart: virtqueue_pop shows only
+# in_num/out_num, and the descriptors are reused before the host can read them.
+TRACEFS = "/sys/kernel/tracing"
+VQ_NAME = "+0(+24($arg1)):string"
+KPROBES = (f"p:vballoon/outbuf virtqueue_add_outbuf queue={VQ_NAME} word=+0($arg4):u32",
+           f"p:vballoon/inbuf virtqueue_add_inbuf queue={VQ_NAME}")
+FREE_PAGE_VQ_NAME = "free_page_vq"
+ADDED = re.compile(rf" (outbuf|inbuf): \(.*?\) queue=\"{FREE_PAGE_VQ_NAME}\"(?: word=(\d+))?")
+
+
+@contextmanager
+def free_page_queue_probes(machine: Machine) -> Iterator[None]:
+    """Record, in the guest's trace buffer, every buffer the driver adds to its free page queue."""
+    events = f"{TRACEFS}/events/vballoon"
+    setup = "; ".join([f"mountpoint -q {TRACEFS} || mount -t tracefs tracefs {TRACEFS}", f"echo > {TRACEFS}/trace",
+                       *(f"echo '{probe}' >> {TRACEFS}/kprobe_events" for probe in KPROBES),
+                       *(f"echo 'queue == \"{FREE_PAGE_VQ_NAME}\"' > {events}/{name}/filter"
+                         for name in ("outbuf", "inbuf")),
+                       f"echo 1 > {events}/enable"])
+    machine.ssh.output(f"set -e; {setup}")
+    try:
+        yield
+    finally:
+        machine.ssh.output(f"echo 0 > {events}/enable; echo '-:vballoon/outbuf' >> {TRACEFS}/kprobe_events; "
+                           f"echo '-:vballoon/inbuf' >> {TRACEFS}/kprobe_events")
+
+
+def added_buffers(machine: Machine) -> list[int | None]:
+    """The buffers recorded on the free page queue, oldest first: an out buffer's first word, None for an in buffer."""
+    return [int(word) if kind == "outbuf" else None
+            for kind, word in ADDED.findall(machine.ssh.output(f"cat {TRACEFS}/trace"))]
+
+
+def describe_rounds(added: list[int | None]) -> str:
+    """The recorded buffers in short: out buffers by value, runs of in buffers as a count."""
+    parts: list[str] = []
+    hints = 0
+    for word in added:
+        if word is None:
+            hints += 1
+            continue
+        if hints:
+            parts.append(f"{hints} hints")
+            hints = 0
+        parts.append("STOP" if word == CMD_ID_STOP else f"{word:#x}")
+    return ", ".join(parts + ([f"{hints} hints"] if hints else []))
+
+
+@pytest.mark.req("BAL-DRV-FPH-3", "BAL-DRV-FPH-2")
+@over(HINTING_VARIANTS)
+def test_driver_sends_each_command_id_in_one_out_buffer(migration_lab: MigrationLab, source: Machine) -> None:
+    """Across a migration's hinting rounds, each command id QEMU issued is in at most one out buffer the driver put
+    on the free page queue; every other out buffer holds STOP (BAL-DRV-FPH-3). Recorded by the guest kernel as the
+    driver adds them; the record is complete: it counts as many buffers as the queue's avail index in guest memory
+    advanced. (Broken on purpose: counting each out buffer for the last id seen, so that STOP counts as the id,
+    finds two buffers per round and fails; reading only the out buffers' records fails the completeness check.)"""
+    touch_and_free(source, STALE_MIB)
+    queue = FREE_PAGE_VQ
+    with free_page_queue_probes(source):
+        before = newest_buffer(source, queue).avail_idx
+        saved_id, _, issued = migrate_to_file_watching_ids(migration_lab, source, "to-file", HINTING_BANDWIDTH)
+        source.qmp.command("cont")
+        wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10, "the source to run again")
+        closed = wait_for(lambda: (buffer if (buffer := newest_buffer(source, queue)).is_stop else None),
+                          MEMORY_BACK_TIMEOUT, "the driver's newest free page queue buffer to be STOP (0)",
+                          describe_last=lambda: newest_buffer(source, queue).describe())
+        added = added_buffers(source)
+    rounds = describe_rounds(added)
+    print(f"{source.variant.name}: ids issued {[hex(i) for i in issued]}, last {saved_id:#x}; driver added {rounds}")
+    made_available = (closed.avail_idx - before) % 0x10000
+    assert len(added) == made_available, (
+        f"guest kprobes: expected a record of each of the {made_available} buffers the free page queue's avail index "
+        f"advanced by, got {len(added)}: {rounds}")
+    ids = [word for word in added if word is not None and word != CMD_ID_STOP]
+    assert ids, f"expected the driver to start at least one round of hints with a command id, got {rounds}"
+    strays = [word for word in ids if not CMD_ID_MIN <= word <= saved_id]
+    assert not strays, (
+        f"out buffers: expected STOP or a command id QEMU issued (up to {saved_id:#x}), got "
+        f"{[hex(word) for word in strays]} in {rounds} (BAL-DRV-FPH-2)")
+    repeated = {word: ids.count(word) for word in ids if ids.count(word) > 1}
+    assert not repeated, (
+        f"BAL-DRV-FPH-3: expected each command id in at most one out buffer, got "
+        f"{ {hex(word): count for word, count in repeated.items()} } out buffers in {rounds}")
     assert_guest_healthy(source)
 
 
