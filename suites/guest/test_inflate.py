@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import time
 import zlib
 
 import pytest
@@ -21,7 +22,8 @@ from vballoon.guest.procfs import read_guest_memory
 from vballoon.matrix import Variant
 from vballoon.qemu.balloon import MIB
 from vballoon.qemu.hmp import hmp, trace_events_on
-from vballoon.qemu.host_memory import present_pages, qemu_memory_bytes, settled_memory_bytes
+from vballoon.qemu.host_memory import (collapsed_pages, khugepaged_fill_bound, present_pages, qemu_memory_bytes,
+                                       settled_memory_bytes)
 from vballoon.qemu.machine import Machine
 from vballoon.session import Session
 from vballoon.spec import PAGE_SIZE, Feature
@@ -88,10 +90,32 @@ def traced_resize(vm: Machine, target: int, pages: int) -> list[int]:
         return [message.gpa // PAGE_SIZE for message in traced_pfns(vm, start, pages)]
 
 
+def ram_hva(vm: Machine) -> int:
+    """Where guest-physical 0 is in QEMU's address space (RAM from 0: one block below 4 GiB)."""
+    return int(hmp(vm, "gpa2hva 0").split()[-1], 16)  # "Host virtual address for 0x0 (pc.ram) is 0x7f..."
+
+
 def guest_pages_present(vm: Machine) -> bytes:
-    """For each guest page (RAM from guest-physical 0, one block below 4 GiB), 1 if QEMU has it in host memory."""
-    hva = int(hmp(vm, "gpa2hva 0").split()[-1], 16)  # "Host virtual address for 0x0 (pc.ram) is 0x7f..."
-    return present_pages(vm.pid, hva, ram_bytes(vm) // PAGE_SIZE)
+    """For each guest page, 1 if QEMU has it in host memory."""
+    return present_pages(vm.pid, ram_hva(vm), ram_bytes(vm) // PAGE_SIZE)
+
+
+def assert_ballooned_pages_absent(vm: Machine, ballooned: list[int], since: float) -> None:
+    """None of the `ballooned` guest pages is in QEMU's host memory (BAL-DRV-OP-1), but for pages the host's
+    khugepaged filled back when it collapsed their 2 MiB range into a transparent huge page: those must be in one,
+    and no more than khugepaged can have filled since `since` (time.monotonic()). Seen on QEMU 7.2 / Linux 6.1 with
+    two guests on the 2 cores: 863 of 32,768 ballooned pages present after a 128 MiB inflate, all in huge pages.
+    A device that does not discard leaves all of them present (broken on purpose: the deflate skipped in the
+    refault test)."""
+    present = guest_pages_present(vm)
+    resident = [page for page in ballooned if present[page]]
+    refilled = collapsed_pages(vm.pid, ram_hva(vm), resident)
+    stray = [hex(page * PAGE_SIZE) for page in resident if page not in refilled]
+    bound = khugepaged_fill_bound(time.monotonic() - since)
+    assert not stray and len(refilled) <= bound, (
+        f"BAL-DRV-OP-1: expected none of the {len(ballooned)} ballooned pages in host memory, but for at most {bound} "
+        f"that khugepaged filled in a transparent huge page; got {len(stray)} present outside one (e.g. {stray[:5]}) "
+        f"and {len(refilled)} in one")
 
 
 def dirty_free_memory(vm: Machine) -> int:
@@ -193,6 +217,7 @@ def test_inflate_returns_dirtied_memory_to_the_host(small_host_pages: Variant, s
     rss_settled = dirty_free_memory(vm)
     before = guest_pages_present(vm)
     inflate = int(ram * INFLATE_FRACTION)
+    inflating_since = time.monotonic()
     ballooned = traced_resize(vm, ram - inflate, inflate // PAGE_SIZE)
     share = sum(before[page] for page in ballooned) * PAGE_SIZE
     wanted = rss_settled - int(RSS_FALL_FRACTION * share) + RSS_NOISE
@@ -202,10 +227,7 @@ def test_inflate_returns_dirtied_memory_to_the_host(small_host_pages: Variant, s
              describe_last=lambda: f"RSS {qemu_memory_bytes(vm.pid)}")
     print(f"{vm.variant.name}: RSS settled {rss_settled // MIB} MiB, balloon's share {share // MIB} MiB of a "
           f"{inflate // MIB} MiB inflate, RSS after {qemu_memory_bytes(vm.pid) // MIB} MiB")
-    after = guest_pages_present(vm)
-    kept = [hex(page * PAGE_SIZE) for page in ballooned if after[page]]
-    assert not kept, (f"BAL-DRV-OP-1: expected none of the {len(ballooned)} ballooned pages in QEMU's host memory, "
-                      f"got {len(kept)} present, e.g. {kept[:5]}")
+    assert_ballooned_pages_absent(vm, ballooned, inflating_since)
     if Feature.REPORTING not in vm.variant.accepted_features():
         assert share >= RSS_FALL_FRACTION * inflate, (
             f"expected the dirtied memory to be resident without free page reporting: at least "
@@ -227,12 +249,10 @@ def test_deflated_pages_refault_holding_what_the_guest_writes(small_host_pages: 
     vm, ram = shared_vm, ram_bytes(shared_vm)
     dirty_free_memory(vm)
     inflate = int(ram * INFLATE_FRACTION)
+    inflating_since = time.monotonic()
     ballooned = traced_resize(vm, ram - inflate, inflate // PAGE_SIZE)
-    present = guest_pages_present(vm)
     rss_inflated = qemu_memory_bytes(vm.pid)
-    resident = sum(present[page] for page in ballooned)
-    assert resident == 0, (f"BAL-DRV-OP-1: expected none of the {len(ballooned)} ballooned pages in host memory "
-                           f"after the inflate, got {resident}")
+    assert_ballooned_pages_absent(vm, ballooned, inflating_since)
     deflated = traced_resize(vm, ram, inflate // PAGE_SIZE)
     assert sorted(deflated) == sorted(ballooned), (
         f"BAL-DRV-OP-2: expected the deflate to return the {len(ballooned)} ballooned pages, got {len(deflated)} "
