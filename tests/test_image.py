@@ -22,6 +22,7 @@ from vballoon.guest.image import (
     build_image,
     bzimage_version,
     load_order,
+    on_demand_order,
     read_modules_dep,
     write_cpio,
 )
@@ -96,6 +97,15 @@ def test_load_order_puts_every_module_after_its_dependencies() -> None:
 def test_load_order_rejects_a_driver_neither_module_nor_built_in() -> None:
     with pytest.raises(UsageError, match="virtio_net"):
         load_order(DEPS, ROOTS, builtin=set())
+
+
+def test_on_demand_modules_come_with_their_dependencies_less_the_boot_modules_and_absent_ones() -> None:
+    """zram needs zsmalloc (modules.dep); lzo_rle is built in here (not in modules.dep), so it is left out."""
+    deps = {**DEPS, "kernel/mm/zsmalloc.ko": [], "kernel/drivers/block/zram/zram.ko": ["kernel/mm/zsmalloc.ko"]}
+    boot = load_order(deps, ROOTS, builtin={"virtio_net"})
+    assert on_demand_order(deps, ("zram", "lzo_rle"), boot) == ["kernel/mm/zsmalloc.ko",
+                                                                  "kernel/drivers/block/zram/zram.ko"]
+    assert on_demand_order(deps, ("virtio_balloon",), boot) == []
 
 
 def test_read_modules_dep(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Inflate and deflate through QMP in a real guest: actual follows the target, events, vmstat, MemTotal, host RSS.
 
-Host memory per guest page comes from QEMU's /proc/PID/pagemap (vballoon.qemu.host_memory.present_pages), the
+Host memory per guest page comes from QEMU's /proc/PID/pagemap (vballoon.qemu.guest_ram), the
 ballooned pages from QEMU's trace of the balloon queues (vballoon.guest.pfn_trace): so the balloon's own share of
 QEMU's RSS is known on every variant, free page reporting ones included, whose reports return free memory too.
 """
@@ -21,9 +21,9 @@ from vballoon.guest.pfn_trace import TRACE_EVENTS, PfnMessage, inflate_queue, pf
 from vballoon.guest.procfs import read_guest_memory
 from vballoon.matrix import Variant
 from vballoon.qemu.balloon import MIB
-from vballoon.qemu.hmp import hmp, trace_events_on
-from vballoon.qemu.host_memory import (collapsed_pages, khugepaged_fill_bound, present_pages, qemu_memory_bytes,
-                                       settled_memory_bytes)
+from vballoon.qemu.hmp import trace_events_on
+from vballoon.qemu.guest_ram import guest_pages_present, pages_back_in_host_memory
+from vballoon.qemu.host_memory import qemu_memory_bytes, settled_memory_bytes
 from vballoon.qemu.machine import Machine
 from vballoon.session import Session
 from vballoon.spec import PAGE_SIZE, Feature
@@ -88,34 +88,6 @@ def traced_resize(vm: Machine, target: int, pages: int) -> list[int]:
     with trace_events_on(vm, *TRACE_EVENTS) as start:
         vm.host_balloon.reach_target(target)
         return [message.gpa // PAGE_SIZE for message in traced_pfns(vm, start, pages)]
-
-
-def ram_hva(vm: Machine) -> int:
-    """Where guest-physical 0 is in QEMU's address space (RAM from 0: one block below 4 GiB)."""
-    return int(hmp(vm, "gpa2hva 0").split()[-1], 16)  # "Host virtual address for 0x0 (pc.ram) is 0x7f..."
-
-
-def guest_pages_present(vm: Machine) -> bytes:
-    """For each guest page, 1 if QEMU has it in host memory."""
-    return present_pages(vm.pid, ram_hva(vm), ram_bytes(vm) // PAGE_SIZE)
-
-
-def assert_ballooned_pages_absent(vm: Machine, ballooned: list[int], since: float) -> None:
-    """None of the `ballooned` guest pages is in QEMU's host memory (BAL-DRV-OP-1), but for pages the host's
-    khugepaged filled back when it collapsed their 2 MiB range into a transparent huge page: those must be in one,
-    and no more than khugepaged can have filled since `since` (time.monotonic()). Seen on QEMU 7.2 / Linux 6.1 with
-    two guests on the 2 cores: 863 of 32,768 ballooned pages present after a 128 MiB inflate, all in huge pages.
-    A device that does not discard leaves all of them present (broken on purpose: the deflate skipped in the
-    refault test)."""
-    present = guest_pages_present(vm)
-    resident = [page for page in ballooned if present[page]]
-    refilled = collapsed_pages(vm.pid, ram_hva(vm), resident)
-    stray = [hex(page * PAGE_SIZE) for page in resident if page not in refilled]
-    bound = khugepaged_fill_bound(time.monotonic() - since)
-    assert not stray and len(refilled) <= bound, (
-        f"BAL-DRV-OP-1: expected none of the {len(ballooned)} ballooned pages in host memory, but for at most {bound} "
-        f"that khugepaged filled in a transparent huge page; got {len(stray)} present outside one (e.g. {stray[:5]}) "
-        f"and {len(refilled)} in one")
 
 
 def dirty_free_memory(vm: Machine) -> int:
@@ -227,7 +199,8 @@ def test_inflate_returns_dirtied_memory_to_the_host(small_host_pages: Variant, s
              describe_last=lambda: f"RSS {qemu_memory_bytes(vm.pid)}")
     print(f"{vm.variant.name}: RSS settled {rss_settled // MIB} MiB, balloon's share {share // MIB} MiB of a "
           f"{inflate // MIB} MiB inflate, RSS after {qemu_memory_bytes(vm.pid) // MIB} MiB")
-    assert_ballooned_pages_absent(vm, ballooned, inflating_since)
+    problem = pages_back_in_host_memory(vm, ballooned, inflating_since)
+    assert problem is None, f"BAL-DRV-OP-1: ballooned pages after a {inflate}-byte inflate: {problem}"
     if Feature.REPORTING not in vm.variant.accepted_features():
         assert share >= RSS_FALL_FRACTION * inflate, (
             f"expected the dirtied memory to be resident without free page reporting: at least "
@@ -252,7 +225,8 @@ def test_deflated_pages_refault_holding_what_the_guest_writes(small_host_pages: 
     inflating_since = time.monotonic()
     ballooned = traced_resize(vm, ram - inflate, inflate // PAGE_SIZE)
     rss_inflated = qemu_memory_bytes(vm.pid)
-    assert_ballooned_pages_absent(vm, ballooned, inflating_since)
+    problem = pages_back_in_host_memory(vm, ballooned, inflating_since)
+    assert problem is None, f"BAL-DRV-OP-1: ballooned pages after a {inflate}-byte inflate: {problem}"
     deflated = traced_resize(vm, ram, inflate // PAGE_SIZE)
     assert sorted(deflated) == sorted(ballooned), (
         f"BAL-DRV-OP-2: expected the deflate to return the {len(ballooned)} ballooned pages, got {len(deflated)} "

@@ -43,6 +43,10 @@ DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 USERLAND_PACKAGES = ("busybox-static", "dropbear-bin")
 # The drivers the guest needs; their dependencies come from modules.dep.
 ROOT_DRIVERS = ("virtio_pci", "virtio_net", "virtio_balloon")
+# Modules copied in, with their dependencies, for tests to `modprobe` when they need them (not loaded at boot):
+# zram for a swap device, and Linux 6.1's default zram compressor (crypto lzo-rle, which zram asks the crypto API
+# for by name, so modules.dep does not list it). A kernel with one built in or without it gets what it has.
+ON_DEMAND_DRIVERS = ("zram", "lzo_rle")
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 INIT_MARKER = "vballoon-guest: init started"
 READY_MARKER = "vballoon-guest: sshd ready"
@@ -410,6 +414,15 @@ def load_order(deps: dict[str, list[str]], roots: Iterable[str], builtin: set[st
     return order
 
 
+def on_demand_order(deps: dict[str, list[str]], roots: Iterable[str], loaded: Iterable[str]) -> list[str]:
+    """Module paths for the `roots` that are modules, with their dependencies, less those in `loaded`; roots that
+    are built in or missing are left out (a test that needs one says so in the guest)."""
+    names = {_module_name(path) for path in deps}
+    boot = set(loaded)
+    return [path for path in load_order(deps, [root for root in roots if root in names], builtin=set())
+            if path not in boot]
+
+
 def _builtin_names(tree: Path) -> set[str] | None:
     path = tree / "modules.builtin"
     if not path.is_file():
@@ -524,7 +537,7 @@ def _install_dropbear(sysroot: _Sysroot, staging: Path, out: Path) -> None:
 
 
 def _install_modules(tree: tuple[Path, str] | None, staging: Path) -> list[str]:
-    """Copy the root drivers and their dependencies in; return the load order."""
+    """Copy the root and on-demand drivers and their dependencies in; return the root drivers' load order."""
     if tree is None:
         logger.info("custom kernel without --modules: the virtio drivers must be built in; the image has no modules")
         return []
@@ -532,13 +545,14 @@ def _install_modules(tree: tuple[Path, str] | None, staging: Path) -> list[str]:
     _run(["depmod", "-b", str(root), version])
     source = root / "lib" / "modules" / version
     builtin = _builtin_names(source)
+    deps = read_modules_dep(source)
     if builtin is None:
         logger.info(f"{version} has no modules.builtin: drivers missing from --modules are taken as built in")
-        available = {_module_name(p) for p in read_modules_dep(source)}
+        available = {_module_name(p) for p in deps}
         builtin = set(ROOT_DRIVERS) - available
-    order = load_order(read_modules_dep(source), ROOT_DRIVERS, builtin)
+    order = load_order(deps, ROOT_DRIVERS, builtin)
     target = staging / "lib" / "modules" / version
-    for module in order:
+    for module in order + on_demand_order(deps, ON_DEMAND_DRIVERS, order):
         _copy_module(source / module, (target / module).parent)
     order = [str(Path(m).parent / _plain_module_file(m)) for m in order]
     if (source / "modules.builtin").is_file():
