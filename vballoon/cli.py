@@ -121,7 +121,8 @@ def _cmd_bench_boot(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_bench_matrix(args: argparse.Namespace, rest: list[str]) -> int:
     from vballoon.benchmarks import run_matrix_benchmark
 
-    run_matrix_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.tiers, Path(args.out), args.jobs)
+    run_matrix_benchmark(args.qemu, args.accel, args.kernel, args.modules, args.tiers, Path(args.out), args.jobs,
+                         args.suites)
     return 0
 
 
@@ -373,12 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "qemu-coverage-uncovered.md go")
     qemu_coverage.add_argument("--pytest-args", default="", help="more pytest options for each stage, e.g. '-k inflate'")
     qemu_coverage.set_defaults(handler=_cmd_bench_qemu_coverage)
-    matrix = bench.add_parser("matrix", help="wall time of suites/guest per tier and per variant, "
+    matrix = bench.add_parser("matrix", help="wall time of the conformance suites per tier and per variant, "
                                              "written to reports/bench-matrix.json")
     _add_target_options(matrix)
     matrix.add_argument("--tiers", nargs="+", default=["quick", "standard"], choices=("quick", "standard", "full"))
     matrix.add_argument("--jobs", type=positive_int, default=2,
                         help="pytest-xdist workers, as make conformance uses (default 2)")
+    matrix.add_argument("--suites", default="suites",
+                        help="what pytest runs (default: every suite, as make conformance; e.g. suites/guest)")
     matrix.add_argument("--out", default="reports/bench-matrix.json")
     matrix.set_defaults(handler=_cmd_bench_matrix)
     return parser

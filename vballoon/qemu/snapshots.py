@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vballoon.digests import file_sha256
 from vballoon.errors import VballoonError
 from vballoon.guest.image import default_cache_dir
 from vballoon.qemu.machine import Machine, MachineSpec, guest_arguments
@@ -48,11 +49,6 @@ SAVE_TIMEOUT = 60.0
 SAVE_BANDWIDTH = 1 << 40
 """Bytes/s for the save: the guest is stopped, so nothing is gained by throttling it."""
 SUFFIX = ".vmstate"
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
