@@ -22,6 +22,7 @@ LEGACY_INTERFACES = tuple(case for case in TRANSPORTS if case.legacy_interface)
 QOM_KEYS = {info.qom_key: info.tag for info in STATS}
 PATTERN = 0x5A
 STATS_TIMEOUT = 5.0
+POLLING_INTERVAL_S = 1
 RETURN_TIMEOUT = 10.0  # one 1 s polling interval under TCG, with room for a loaded host
 MIGRATION_TIMEOUT = 60.0
 
@@ -75,11 +76,14 @@ def _expected(reported: dict[str, int], entries: list[tuple[int, int]]) -> dict[
     return {key: values.get(QOM_KEYS[key], STAT_UNSET) for key in reported}
 
 
-def _stats_round(balloon: QtestBalloon, data: bytes, wanted: dict[str, int], requirement: str) -> None:
-    """Hand the device one stats buffer, wait until guest-stats shows `wanted` and the buffer came back."""
+def _stats_round(balloon: QtestBalloon, qtest_machine: QtestMachine, data: bytes, wanted: dict[str, int],
+                 requirement: str) -> None:
+    """Hand the device one stats buffer, wait until guest-stats shows `wanted`, then have QEMU ask for stats at once
+    and wait for the buffer to come back."""
     head = balloon.post(STATSQ, [data])
     wait_for(lambda: balloon.guest_stats()["stats"] == wanted, STATS_TIMEOUT,
              f"{requirement}: guest-stats to show {wanted}", describe_last=lambda: str(balloon.guest_stats()["stats"]))
+    qtest_machine.host_balloon.request_stats_now(POLLING_INTERVAL_S)
     (used,) = balloon.driver.wait_used(STATSQ, 1, RETURN_TIMEOUT)
     assert used.id == head, f"device used head {used.id}, expected {head}"
 
@@ -88,7 +92,7 @@ def _start_stats(balloon: QtestBalloon, qtest_machine: QtestMachine) -> dict[str
     """DRIVER_OK, polling every second, a first buffer through (a legacy device may ignore the first's values);
     the stats QEMU reports."""
     balloon.start()
-    qtest_machine.host_balloon.set_stats_polling_interval(1)
+    qtest_machine.host_balloon.set_stats_polling_interval(POLLING_INTERVAL_S)
     balloon.exchange(STATSQ, [encode_stats([(StatTag.MEMFREE, 1)], balloon.driver.endian)], timeout=RETURN_TIMEOUT)
     return dict(balloon.guest_stats()["stats"])
 
@@ -103,7 +107,7 @@ def test_stats_entries_in_any_order_give_the_same_values(balloon: QtestBalloon, 
     orders = [sorted(tags), sorted(tags, reverse=True), tags[1::2] + tags[0::2]]
     for round_, order in enumerate(orders):
         entries = [(tag, 1000 * (round_ + 1) + tag) for tag in order]
-        _stats_round(balloon, encode_stats(entries, balloon.driver.endian), _expected(reported, entries),
+        _stats_round(balloon, qtest_machine, encode_stats(entries, balloon.driver.endian), _expected(reported, entries),
                      f"BAL-DRV-ST-6 (order {[int(t) for t in order]})")
 
 
@@ -115,7 +119,8 @@ def test_legacy_stats_are_read_in_guest_native_byte_order(balloon: QtestBalloon,
     endian, no known tag is found and every stat stays unset.)"""
     reported = _start_stats(balloon, qtest_machine)
     entries = [(StatTag.MEMFREE, 0x0102030405060708), (StatTag.MEMTOT, 0x1122334455667788)]
-    _stats_round(balloon, encode_stats(entries, "little"), _expected(reported, entries), "BAL-LEG-ST-END")
+    _stats_round(balloon, qtest_machine, encode_stats(entries, "little"), _expected(reported, entries),
+                 "BAL-LEG-ST-END")
 
 
 @pytest.mark.req("BAL-DEV-LEG-FEAT-2")

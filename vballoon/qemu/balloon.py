@@ -131,6 +131,13 @@ class HostBalloon:
         """Ask QEMU to request stats every `seconds` of virtual time (0 stops polling)."""
         self._send(polling_interval_command(seconds))
 
+    def request_stats_now(self, seconds: int) -> None:
+        """Have QEMU ask for stats at once (it hands back the buffer it holds), then every `seconds`: QEMU arms its
+        stats timer with no delay when polling starts (balloon_stats_set_poll_interval), so polling is stopped and
+        started again. A QEMU that waited a whole interval instead would only be slower to hand the buffer back."""
+        self.set_stats_polling_interval(0)
+        self.set_stats_polling_interval(seconds)
+
     def stats_polling_interval(self) -> int:
         """`qom-get guest-stats-polling-interval`, in seconds."""
         return int(self.monitor.command("qom-get", path=QOM_PATH, property=POLLING_INTERVAL_PROPERTY))
