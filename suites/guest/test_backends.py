@@ -38,7 +38,9 @@ from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.waiting import DeadlineExceeded, wait_for
 
-INFLATE_MIB = 256
+# The inflate: host memory must fall by FALL_FRACTION of it, which does not depend on its size. Measured on shm
+# (QEMU 7.2, TCG): 256 MiB freed 255 MiB in a 12.8 s test, 128 MiB freed 134 MiB in 10.5 s.
+INFLATE_MIB = 128
 # Host memory must fall by 80% of the inflate where the backend discards; measured 97-100% for anon (see
 # test_inflate.py), the rest being pages the guest reused. On hugetlbfs it must not fall by more than 8 MiB.
 FALL_FRACTION = 0.8
@@ -85,7 +87,9 @@ def reporting_backend_vm(request: pytest.FixtureRequest, machines: MachineFactor
 @pytest.mark.req("BAL-DRV-OP-1", "BAL-DEV-OP-1", "BAL-DRV-OP-5")
 def test_inflate_frees_host_memory_per_backend(backend_vm: Machine) -> None:
     """After the guest dirtied its memory, an inflate frees host memory (none on hugetlbfs, where QEMU warns),
-    ballooned pages read back zero where discarded, and a deflate gives pages the guest fills and verifies."""
+    ballooned pages read back zero where discarded, and a deflate gives pages the guest fills and verifies.
+
+    Broken on purpose: expecting the fall for twice the inflate failed on shm (134 MiB freed, 205 MiB wanted)."""
     vm, ram = backend_vm, backend_vm.memory_mib * MIB
     hugetlb = vm.variant.backend == "hugetlb"
     available = read_guest_memory(vm.ssh).mem("MemAvailable")

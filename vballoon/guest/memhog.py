@@ -59,10 +59,13 @@ class BackgroundHog:
         wait_for(lambda: not self.running(), timeout, f"memhog pid {self.pid} to exit", interval=0.1)
 
 
-def start_hog(shell: GuestShell, args: str, name: str, oom_score_adj: int = 0) -> BackgroundHog:
-    """Start `memhog ARGS` detached from SSH; `oom_score_adj` 1000 makes it the OOM killer's first choice."""
+def start_hog(shell: GuestShell, args: str, name: str, oom_score_adj: int = 0,
+              cgroup: str | None = None) -> BackgroundHog:
+    """Start `memhog ARGS` detached from SSH; `oom_score_adj` 1000 makes it the OOM killer's first choice;
+    `cgroup` (a cgroup v2 directory in the guest) puts it in that cgroup before it allocates."""
     output_file = f"{OUTPUT_DIR}/{name}.out"
-    script = (f"echo {oom_score_adj} > /proc/self/oom_score_adj; exec memhog {args}")
+    join = f"echo $$ > {cgroup}/cgroup.procs || exit 1; " if cgroup else ""
+    script = f"{join}echo {oom_score_adj} > /proc/self/oom_score_adj; exec memhog {args}"
     pid = shell.output(f"mkdir -p {OUTPUT_DIR}; sh -c {shlex.quote(script)} </dev/null >{output_file} 2>&1 & echo $!")
     return BackgroundHog(shell, int(pid.strip()), output_file)
 
