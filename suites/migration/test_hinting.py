@@ -14,8 +14,11 @@ during migration (see fixtures/migration.py); the source-side checks
 (transferred bytes, command ids, cancel, postcopy) never are.
 
 The hinting ratio keeps the guest (512 MiB, 300 MiB touched) and the cap it
-was calibrated with; most other tests run in a guest of GUEST_MIB, capped only
-where hints must land, or a cancel come, while RAM is still being sent.
+was calibrated with; the other tests run in a guest of GUEST_MIB, capped only
+where hints must land, or a cancel come, while RAM is still being sent. Their
+sources start warm (fixtures/migration.py), except where the test needs what a
+boot leaves: the command id STOP before any migration, or booted guests as the
+ratio was calibrated with.
 """
 
 from __future__ import annotations
@@ -39,8 +42,7 @@ from vballoon.virtqueue import DESC_F_WRITE
 from vballoon.waiting import wait_for
 
 MIGRATION_TIMEOUT = 60.0
-# The guest the hinting ratio was calibrated with, and the memory touched and freed in it. The test of the driver's
-# last buffers keeps it too: its time is the same in a guest of GUEST_MIB.
+# The guest the hinting ratio was calibrated with, and the memory touched and freed in it.
 LARGE_GUEST_MIB = 512
 LARGE_STALE_MIB = 300
 STALE_MIB = 128
@@ -86,11 +88,12 @@ def migrate_touched_guest(lab: MigrationLab, source: Machine) -> int:
 @pytest.mark.req("BAL-DRV-FPH-2", "BAL-DRV-FPH-4", "BAL-DEV-FPH-4")
 def test_hinting_reduces_ram_transferred(migration_lab: MigrationLab) -> None:
     """The same touched-then-freed guest sends measurably less RAM with free-page-hint than without."""
+    # Booted cold, as the ratio was calibrated: the same guests, the first round of hints the guest's first.
     without = migrate_touched_guest(migration_lab, migration_lab.boot(NO_HINTING, role="source-no-hinting",
-                                                                      memory_mib=LARGE_GUEST_MIB))
+                                                                      memory_mib=LARGE_GUEST_MIB, cold=True))
     migration_lab.stop_all()
     hinted = migrate_touched_guest(migration_lab, migration_lab.boot(HINTING, role="source-hinting",
-                                                                     memory_mib=LARGE_GUEST_MIB))
+                                                                     memory_mib=LARGE_GUEST_MIB, cold=True))
     ratio = hinted / without
     print(f"ram transferred: without hinting {without} bytes, with hinting {hinted} bytes, ratio {ratio:.2f}")
     record_migration_benchmark(migration_lab.session.reports, {
@@ -197,9 +200,12 @@ def migrate_to_file_watching_ids(lab: MigrationLab, source: Machine, round_name:
 @pytest.mark.req("BAL-DEV-FPH-1", "BAL-DEV-FPH-2", "BAL-DEV-FPH-6")
 @over(HINTING_VARIANTS)
 def test_each_round_issues_a_new_greater_command_id_then_done(migration_lab: MigrationLab,
-                                                               source: Machine) -> None:
+                                                               migration_variant: Variant) -> None:
     """STOP before migration; one new id per dirty-bitmap sync while the VM runs, each greater than the
-    last, also across two migrations; DONE in config and in the saved state at the end of each."""
+    last, also across two migrations; DONE in config and in the saved state at the end of each. The guest boots
+    cold: a warm start's snapshot leaves DONE, not STOP. (Broken on purpose: started warm, it reads 0x1 before any
+    migration and fails BAL-DEV-FPH-1.)"""
+    source = migration_lab.boot(migration_variant, cold=True)
     idle = cmd_id(source)
     assert idle == CMD_ID_STOP, f"cmd_id before any migration: expected STOP (0), got {idle:#x} (BAL-DEV-FPH-1)"
     touch_and_free(source, STALE_MIB)
@@ -259,14 +265,15 @@ def newest_buffer(machine: Machine, queue: int) -> NewestBuffer:
 @pytest.mark.req("BAL-DRV-FPH-6", "BAL-DRV-FPH-5")
 @over(HINTING_VARIANTS)
 def test_driver_closes_hinting_with_stop_and_stays_quiet_after_done(migration_lab: MigrationLab,
-                                                                   migration_variant: Variant) -> None:
+                                                                   source: Machine) -> None:
     """After a migration to a file (DONE) and `cont`, the newest buffer the driver put on the free page queue is
     an out buffer holding STOP: it closed its last round of hints (BAL-DRV-FPH-6); then the guest frees
-    LARGE_STALE_MIB again and the queue's avail index does not move: no hints after DONE (BAL-DRV-FPH-5). Read
+    STALE_MIB again and the queue's avail index does not move: no hints after DONE (BAL-DRV-FPH-5). Read
     from the driver's own ring in guest memory, not from QEMU's pops (QEMU takes any out buffer after START for a
-    STOP without reading it). (Broken on purpose: reading the statsq instead finds a stats buffer, not STOP.)"""
-    source = migration_lab.boot(migration_variant, memory_mib=LARGE_GUEST_MIB)
-    touch_and_free(source, LARGE_STALE_MIB)
+    STOP without reading it). (Broken on purpose: reading the statsq instead finds a stats buffer, not STOP; a
+    second migration between the two reads makes the driver hint again, its avail index moves and BAL-DRV-FPH-5
+    fails.)"""
+    touch_and_free(source, STALE_MIB)
     migrate_to_file_watching_ids(migration_lab, source, "to-file", HINTING_BANDWIDTH)
     source.qmp.command("cont")
     wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10, "the source to run again")
@@ -274,11 +281,11 @@ def test_driver_closes_hinting_with_stop_and_stays_quiet_after_done(migration_la
     closed = wait_for(lambda: (buffer if (buffer := newest_buffer(source, queue)).is_stop else None),
                       MEMORY_BACK_TIMEOUT, "BAL-DRV-FPH-6: the driver's newest free page queue buffer to be an out "
                       "buffer holding STOP (0)", describe_last=lambda: newest_buffer(source, queue).describe())
-    touch_and_free(source, LARGE_STALE_MIB)
+    touch_and_free(source, STALE_MIB)
     later = newest_buffer(source, queue)
     assert later.avail_idx == closed.avail_idx, (
         f"BAL-DRV-FPH-5: after DONE the driver should stop supplying hints; its free page queue went from "
-        f"{closed.describe()} to {later.describe()} while the guest freed {LARGE_STALE_MIB} MiB")
+        f"{closed.describe()} to {later.describe()} while the guest freed {STALE_MIB} MiB")
     assert_guest_healthy(source)
 
 
@@ -374,8 +381,9 @@ def test_driver_sends_each_command_id_in_one_out_buffer(migration_lab: Migration
 @pytest.mark.req("BAL-DEV-FPH-1", "BAL-DRV-FPH-8")
 def test_postcopy_ram_keeps_hinting_off(migration_lab: MigrationLab) -> None:
     """With postcopy-ram enabled hinting never starts: cmd_id stays STOP, the freed pages are all sent,
-    the migration completes and a pattern verifies on the destination."""
-    source = migration_lab.boot(HINTING)
+    the migration completes and a pattern verifies on the destination. (Broken on purpose: started warm, the guest
+    shows the snapshot's DONE and the STOP-throughout check fails.)"""
+    source = migration_lab.boot(HINTING, cold=True)  # STOP throughout means from the boot on: a snapshot leaves DONE
     source.ssh.output(f"memhog fill --mib {POSTCOPY_PATTERN_MIB} --seed 3 --file /dev/shm/pattern")
     touch_and_free(source, STALE_MIB)
     seen: set[int] = set()

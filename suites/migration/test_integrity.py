@@ -28,7 +28,8 @@ from vballoon.qemu.machine import Machine
 from vballoon.qemu.migration import SSH_AFTER_MIGRATION_TIMEOUT, Migration, pages_absent_from_ram
 
 MIGRATION_TIMEOUT = 60.0
-# 32 MiB/s keeps RAM being sent while the churn below runs (uncapped, the first pass can end before it starts).
+# 32 MiB/s keeps RAM being sent while the churn below runs (uncapped, the first pass can end before it starts):
+# measured under TCG, the churn's 8 fills take about 5.5 s and the migration 6-7 s at this cap.
 CHURN_BANDWIDTH = 32 << 20
 PATTERN_FILE = "/dev/shm/pattern"
 PATTERN_MIB = 32

@@ -19,7 +19,10 @@ from vballoon.qemu.machine import Machine
 from vballoon.waiting import wait_for
 
 MIGRATION_TIMEOUT = 60.0
-STATS_INTERVAL_S = 2
+# The shortest interval QEMU takes: a report's last-update is whole host seconds, and each poll is re-armed when
+# the guest's answer arrives, so a gap is the interval plus the guest's answer time, whatever the interval.
+# Measured: every gap 1 s in 11 migrations (QEMU 7.2 and 10.0, TCG); 2 s cost each test 3 s of waiting.
+STATS_INTERVAL_S = 1
 INFLATED_RAM = (GUEST_MIB - 64) << 20
 NEW_TARGET_RAM = (GUEST_MIB - 32) << 20
 BALLOON_CHANGE_TIMEOUT = 60.0
@@ -47,7 +50,8 @@ def wait_stats_updates(machine: Machine, count: int) -> list[int]:
 @over(MIGRATION_VARIANTS)
 def test_balloon_state_survives_migration(migration_lab: MigrationLab, source: Machine) -> None:
     """`actual` on the destination equals the source's; a new target there gives BALLOON_CHANGE; stats
-    keep arriving at the same interval; the guest is healthy and reachable over SSH."""
+    keep arriving at the same interval; the guest is healthy and reachable over SSH. (Broken on purpose: the
+    destination polled every 2 s fails the every-1 s check of BAL-DRV-ST-3.)"""
     if source.variant.free_page_hint:
         migration_lab.excuse_lost_writes()
     source_qmp = source.qmp

@@ -17,8 +17,8 @@ guest boots cold, saying why in one line. The cache stays under a size cap
 What a warm guest cannot show is its own boot: tests of the boot itself
 (probe, negotiation at probe, the boot log) ask for a cold boot. Saving also
 ends a round of free page hinting on a variant that has it (QEMU sends DONE
-when it migrates a stopped guest), so migration tests, which measure hinting
-from the guest's first round, boot cold too.
+when it migrates a stopped guest), so the migration tests that need hinting as
+a boot leaves it (the command id STOP) boot cold too.
 """
 
 from __future__ import annotations
