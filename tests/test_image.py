@@ -18,6 +18,7 @@ import pytest
 from vballoon.errors import UsageError
 from vballoon.guest.image import (
     RECIPE_DIR,
+    RESUME_MARKER,
     GuestImage,
     build_image,
     bzimage_version,
@@ -194,6 +195,19 @@ def test_initramfs_holds_the_guest(image: GuestImage, initramfs: dict[str, tuple
         assert f"{modules_dir}/{module}" in initramfs
     assert {Path(m).name for m in image.modules} >= {f"{root}.ko" for root in ROOTS}
     assert image.init_marker.encode() in initramfs["etc/vballoon.conf"][1]
+
+
+def test_on_demand_drivers_are_carried_not_loaded(image: GuestImage,
+                                                  initramfs: dict[str, tuple[int, bytes]]) -> None:
+    """zram and virtio_blk (modules in Debian's cloud kernel) are in the image for a test's modprobe (a swap device,
+    a disk to hibernate to) but not loaded at boot; /init has the line it prints before resuming."""
+    modules_dir = f"lib/modules/{image.kernel_version}/"
+    carried = {Path(name).name for name in initramfs if name.startswith(modules_dir)}
+    on_demand = {"zram.ko", "virtio_blk.ko"}
+    assert on_demand <= carried, f"expected {on_demand} in the initramfs, got {sorted(carried)}"
+    loaded = on_demand & {Path(m).name for m in image.modules}
+    assert not loaded, f"expected {on_demand} left for a test to load, got {loaded} loaded at boot"
+    assert RESUME_MARKER.encode() in initramfs["etc/vballoon.conf"][1]
 
 
 def test_modules_load_after_their_dependencies(image: GuestImage, initramfs: dict[str, tuple[int, bytes]]) -> None:

@@ -13,10 +13,21 @@ restore, remove and probe touch every virtqueue the variant negotiated (stats,
 free page hint, reporting) and the transport's reset, so all of them matter.
 S3 needs `-global ICH9-LPC.disable_s3=0` on q35, so the suspend tests boot a
 guest of their own (one at a time: the variant's shared guest is stopped first).
+
+Hibernation (S4) goes through the same freeze and restore, with the guest's memory written to a swap disk
+in between and read back by a new kernel: its guest has a virtio-blk disk to hibernate to, boots with
+`vballoon.resume=vda` (the image's /init then resumes from the disk before it loads the balloon driver),
+and is reset and continued in the same QEMU once it has powered off.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -25,11 +36,14 @@ from fixtures.qtest_device import expect_conformance
 from fixtures.variant_gates import require_qmp_command
 from vballoon.guest.driver import LINUX_PAGE_POISON_VAL
 from vballoon.guest.health import kernel_trouble
-from vballoon.guest.procfs import read_guest_memory
+from vballoon.guest.image import READY_MARKER, RESUME_MARKER
+from vballoon.guest.memhog import start_hog
+from vballoon.guest.procfs import GuestMemory, read_guest_memory
 from vballoon.matrix import Variant
 from vballoon.qemu.balloon import MIB
 from vballoon.qemu.machine import Machine
 from vballoon.qemu.migration import balloon_config_u32
+from vballoon.qemu.process import tail
 from vballoon.session import Session
 from vballoon.spec import PAGE_SIZE, ConfigField, Feature
 from vballoon.waiting import wait_for
@@ -38,6 +52,16 @@ S3_ENABLED = ("-global", "ICH9-LPC.disable_s3=0")
 # Measured: S3 entry 0.1 s and resume at once after system_wakeup under TCG; freeze with pm_test=devices
 # returns after its 5 s test delay. Deadlines allow a loaded host.
 SUSPEND_DEADLINE_S = 60.0
+# Hibernation under TCG, 256 MiB guest: measured 3.5-4.5 s to write a 78 MiB image and power off, 16-19 s from
+# system_reset to the resumed guest (1.0-1.5 s of it reading the image; a plain system_reset of this guest takes
+# 14-17 s to sshd on QEMU 7.2 and 10.0, SeaBIOS done in 0.4 s). Deadlines allow a loaded host.
+HIBERNATE_DEADLINE_S = 120.0
+RESUME_DEADLINE_S = 120.0
+S4_MEMORY_MIB = 256  # the balloon's round trip through an image needs no more; a smaller image is written faster
+S4_PATTERN_MIB = 32  # memory the guest holds a pattern in across hibernation
+SWAP_DISK = "vda"  # the guest's name for the one virtio-blk disk
+HIBERNATION_RETURNED = "vballoon: the write of disk to /sys/power/state returned"
+IMAGE_READ = re.compile(r"PM: .*Read \d+ kbytes.*")  # the resuming kernel's line once it read the image
 BALLOON_BACK_DEADLINE_S = 60.0
 STATS_DEADLINE_S = 30.0
 # virtio_dev_remove: the driver resets the device, then the core sets ACKNOWLEDGE again for the next driver.
@@ -48,6 +72,30 @@ UNBOUND_STATUS = ("VIRTIO_CONFIG_S_ACKNOWLEDGE",)
 def s3_vm(machines: MachineFactory, variant: Variant) -> Machine:
     """A guest of the variant whose firmware offers S3, for this test alone; its logs kept when it fails."""
     return machines.guest(variant, extra_args=S3_ENABLED)
+
+
+@pytest.fixture
+def s4_vm(machines: MachineFactory, variant: Variant, tmp_path: Path) -> Iterator[Machine]:
+    """A S4_MEMORY_MIB guest of the variant with a swap disk to hibernate to, for this test alone.
+
+    The disk is a sparse raw file as large as the guest's RAM: a hibernation image holds at most half of RAM (each
+    page saved is copied to a free page first), so it always fits. `-no-shutdown` keeps QEMU up when the guest
+    powers off at the end of hibernating. `vballoon.resume=vda` makes /init resume from the disk; QEMU takes the last
+    -append, so this one carries the variant's command line with it. The guest boots cold: the disk's path is part
+    of the command line, so a snapshot saved of it would never be loaded again. The disk is deleted after the test
+    (pytest keeps its last temp folders; QEMU, stopped later, holds it open until then).
+    """
+    disk = tmp_path / "swap.raw"
+    with disk.open("wb") as f:
+        f.truncate(S4_MEMORY_MIB * MIB)
+    image, _ = machines.prepare_guest(variant)
+    cmdline = " ".join([image.kernel_cmdline, *variant.kernel_args, f"vballoon.resume={SWAP_DISK}"])
+    try:
+        yield machines.guest(variant, warm=False, memory_mib=S4_MEMORY_MIB, extra_args=(
+            "-drive", f"file={disk},if=none,id=swap0,format=raw", "-device", "virtio-blk-pci,drive=swap0,romfile=",
+            "-no-shutdown", "-append", cmdline))
+    finally:
+        disk.unlink()
 
 
 def offered_sleep_state(vm: Machine, state: str) -> None:
@@ -93,15 +141,7 @@ def test_balloon_survives_suspend_and_resume(s3_vm: Machine, state: str, session
     last_update = vm.host_balloon.wait_report_after(0, STATS_DEADLINE_S, "a first stats report").last_update
     before = read_guest_memory(vm.ssh)
     (suspend_to_ram if state == "mem" else suspend_to_idle)(vm)
-    wait_for(lambda: vm.host_balloon.query_balloon() == target, BALLOON_BACK_DEADLINE_S,
-             f"actual to be {target} again after resume (BAL-DRV-OP-1)",
-             describe_last=lambda: f"actual {vm.host_balloon.query_balloon()}")
-    after = read_guest_memory(vm.ssh)
-    pages = (ram - target) // PAGE_SIZE
-    moved = {k: after.vmstat[k] - before.vmstat[k] for k in ("balloon_deflate", "balloon_inflate")}
-    assert moved == {"balloon_deflate": pages, "balloon_inflate": pages}, (
-        f"BAL-DRV-OP-4/BAL-DRV-OP-1: across '{state}', expected the driver to give back and retake the "
-        f"{pages}-page balloon, got vmstat changes {moved}")
+    assert_balloon_taken_again(vm, target, before, f"'{state}'")
     report = vm.host_balloon.wait_report_after(last_update, STATS_DEADLINE_S, f"a stats report after '{state}' (BAL-DRV-ST-3)")
     print(f"{state}: balloon back to {target} bytes; stats report at {report.last_update}")
     check_poison_val_after_resume(vm, state, session)
@@ -109,6 +149,20 @@ def test_balloon_survives_suspend_and_resume(s3_vm: Machine, state: str, session
     vm.host_balloon.reach_target(ram)
     trouble = kernel_trouble(vm.ssh.output("dmesg"))
     assert not trouble, f"guest dmesg after '{state}': expected no WARNING/BUG/Oops, got {trouble[:5]}"
+
+
+def assert_balloon_taken_again(vm: Machine, target: int, before: GuestMemory, across: str) -> None:
+    """BAL-DRV-OP-1/BAL-DRV-OP-4: after a sleep (`across`), actual returns to `target` and /proc/vmstat moved by the
+    balloon's pages each way since `before`: the driver gave them back when frozen and took them again on restore."""
+    wait_for(lambda: vm.host_balloon.query_balloon() == target, BALLOON_BACK_DEADLINE_S,
+             f"actual to be {target} again after {across} (BAL-DRV-OP-1)",
+             describe_last=lambda: f"actual {vm.host_balloon.query_balloon()}")
+    after = read_guest_memory(vm.ssh)
+    pages = (vm.memory_mib * MIB - target) // PAGE_SIZE
+    moved = {k: after.vmstat[k] - before.vmstat[k] for k in ("balloon_deflate", "balloon_inflate")}
+    assert moved == {"balloon_deflate": pages, "balloon_inflate": pages}, (
+        f"BAL-DRV-OP-4/BAL-DRV-OP-1: across {across}, expected the driver to give back and retake the "
+        f"{pages}-page balloon, got vmstat changes {moved}")
 
 
 def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> None:
@@ -125,6 +179,101 @@ def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> 
     expect_conformance(got == expected, "BAL-DRV-PP-2", session.qemu,
                        f"after '{state}' the device's poison_val is {got:#x}, expected {expected:#x}: the driver "
                        "set DRIVER_OK again without writing poison_val", vm.image.kernel_version)
+
+
+def hibernate_and_resume(vm: Machine) -> str:
+    """Hibernate to the swap disk (mode shutdown: the guest powers off once the image is written), wait until QEMU
+    holds the powered-off guest, reset and continue it, reconnect SSH once the guest answers; the serial console
+    of the boot that resumed.
+
+    Mode `shutdown` rather than `platform`: q35 offers no S4 unless `ICH9-LPC.disable_s4=0`, and QEMU ends an S4
+    entry as it ends a power-off, so `platform` would only add the firmware's hooks around the same power-off."""
+    start = vm.mark()
+    vm.ssh.run("echo shutdown > /sys/power/disk && setsid sh -c 'echo disk > /sys/power/state; "
+               f"echo {HIBERNATION_RETURNED} $? > /dev/console' </dev/null >/dev/null 2>&1 &")
+    vm.disconnect_ssh()
+    started = time.monotonic()
+    # A hibernation that fails returns from the write in the running guest, which goes on.
+    wait_for(lambda: vm.qmp.command("query-status")["status"] == "shutdown"
+             or HIBERNATION_RETURNED in vm.serial_text(start.serial), HIBERNATE_DEADLINE_S,
+             "QEMU to report the guest powered off after writing its hibernation image",
+             describe_last=lambda: f"status {vm.qmp.command('query-status')['status']}; serial "
+                                   f"{tail(vm.logs.serial, 3)!r}")
+    status = vm.qmp.command("query-status")["status"]
+    assert status == "shutdown", (
+        f"expected the guest to power off once its hibernation image was written, got status {status}; serial "
+        f"{tail(vm.logs.serial, 5)!r}")
+    powered_off = time.monotonic()
+    mark = vm.mark()
+    vm.qmp.command("system_reset")
+    vm.qmp.command("cont")
+    # The write to /sys/power/state returns in the resumed guest; a guest that boots afresh starts sshd instead.
+    wait_for(lambda: any(line in vm.serial_text(mark.serial) for line in (HIBERNATION_RETURNED, READY_MARKER)),
+             RESUME_DEADLINE_S, "the guest to resume (or boot)", describe_last=lambda: repr(tail(vm.logs.serial, 3)))
+    vm.connect_ssh(RESUME_DEADLINE_S)
+    print(f"{vm.variant.name}: hibernated in {powered_off - started:.1f} s, resumed in "
+          f"{time.monotonic() - powered_off:.1f} s")
+    return vm.serial_text(mark.serial)
+
+
+def guest_identity(vm: Machine, token_file: str) -> tuple[str, str]:
+    """The kernel's boot_id and the token in a tmpfs file ('missing' without it): both survive a resume, neither a
+    boot."""
+    boot_id, token = vm.ssh.output(f"cat /proc/sys/kernel/random/boot_id; cat {token_file} 2>/dev/null "
+                                   "|| echo missing").split()
+    return boot_id, token
+
+
+@pytest.mark.req("BAL-DRV-OP-1", "BAL-DRV-OP-2", "BAL-DRV-OP-4", "BAL-DRV-ACT-1", "BAL-DRV-ST-2", "BAL-DRV-ST-3",
+                 "BAL-DRV-PP-2")
+def test_balloon_survives_hibernation_and_resume(s4_vm: Machine, session: Session) -> None:
+    """Hibernation to a swap disk and resume in the same QEMU (reset, continue): the guest resumed (same boot_id,
+    its tmpfs token, the boot kernel read the image and never started sshd), the driver gave the balloon back
+    before the image was taken and took it again on restore (actual at the target, vmstat moved by the balloon's
+    pages each way), a pattern held across it is intact, stats flow, inflate and deflate work, dmesg is clean.
+
+    Broken on purpose: the image's signature on the disk overwritten (host side) before the reset booted the guest
+    afresh and failed on the boot_id; hibernating without swapon on the disk failed at once ("Image allocation is
+    3384 pages short", status running)."""
+    vm, ram = s4_vm, s4_vm.memory_mib * MIB
+    offered_sleep_state(vm, "disk")
+    resume = vm.ssh.output(f"cat /sys/power/resume /sys/class/block/{SWAP_DISK}/dev").split()
+    assert resume[0] == resume[1], (
+        f"/init: expected /sys/power/resume to name /dev/{SWAP_DISK} ({resume[1]}), got {resume[0]}")
+    vm.ssh.run(f"mkswap /dev/{SWAP_DISK} >/dev/null && swapon /dev/{SWAP_DISK}")
+    token_file = "/dev/shm/vballoon-hibernation"
+    vm.ssh.run(f"echo {secrets.token_hex(8)} > {token_file}")
+    identity = guest_identity(vm, token_file)
+    pattern = start_hog(vm.ssh, f"fill --mib {S4_PATTERN_MIB} --seed 41 --hold-forever", "hibernation-pattern")
+    pattern.wait_line(rf"memhog: holding {S4_PATTERN_MIB} MiB", HIBERNATE_DEADLINE_S)
+    target = ram * 3 // 4
+    vm.host_balloon.reach_target(target)
+    stats = Feature.STATS_VQ in vm.variant.accepted_features()
+    if stats:
+        vm.host_balloon.set_stats_polling_interval(1)
+        last_update = vm.host_balloon.wait_report_after(0, STATS_DEADLINE_S, "a first stats report").last_update
+    before = read_guest_memory(vm.ssh)
+    console = hibernate_and_resume(vm)
+    resumed = guest_identity(vm, token_file)
+    assert resumed == identity, (
+        f"expected the guest resumed from its image (boot_id and tmpfs token {identity}), got {resumed}: a fresh "
+        f"boot; boot console: {console[-2000:]!r}")
+    read = IMAGE_READ.search(console)
+    assert RESUME_MARKER in console and read and f"{HIBERNATION_RETURNED} 0" in console \
+        and READY_MARKER not in console, (
+        f"expected the boot console to show /init resuming, the kernel reading the image, the hibernating write "
+        f"returning 0 and no sshd started, got {console[-2000:]!r}")
+    print(f"resume: {read.group(0)}")
+    assert_balloon_taken_again(vm, target, before, "hibernation")
+    verdict = replace(pattern, shell=vm.ssh).verify_now(RESUME_DEADLINE_S)
+    assert verdict.endswith(" ok"), f"expected the {S4_PATTERN_MIB} MiB pattern intact after resume, got {verdict!r}"
+    if stats:
+        vm.host_balloon.wait_report_after(last_update, STATS_DEADLINE_S, "a stats report after resume (BAL-DRV-ST-3)")
+    check_poison_val_after_resume(vm, "disk", session)
+    vm.host_balloon.reach_target(ram // 2)
+    vm.host_balloon.reach_target(ram)
+    trouble = kernel_trouble(vm.ssh.output("dmesg"))
+    assert not trouble, f"guest dmesg after hibernation: expected no WARNING/BUG/Oops, got {trouble[:5]}"
 
 
 def driver_status(vm: Machine) -> tuple[str, ...]:

@@ -44,12 +44,16 @@ USERLAND_PACKAGES = ("busybox-static", "dropbear-bin")
 # The drivers the guest needs; their dependencies come from modules.dep.
 ROOT_DRIVERS = ("virtio_pci", "virtio_net", "virtio_balloon")
 # Modules copied in, with their dependencies, for tests to `modprobe` when they need them (not loaded at boot):
-# zram for a swap device, and Linux 6.1's default zram compressor (crypto lzo-rle, which zram asks the crypto API
-# for by name, so modules.dep does not list it). A kernel with one built in or without it gets what it has.
-ON_DEMAND_DRIVERS = ("zram", "lzo_rle")
+# zram for a swap device, Linux 6.1's default zram compressor (crypto lzo-rle, which zram asks the crypto API
+# for by name, so modules.dep does not list it), and virtio_blk for a disk to hibernate to (loaded by /init when the
+# kernel command line asks it to resume, vballoon.resume=DISK). A kernel with one built in or without it gets what
+# it has.
+ON_DEMAND_DRIVERS = ("zram", "lzo_rle", "virtio_blk")
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 INIT_MARKER = "vballoon-guest: init started"
 READY_MARKER = "vballoon-guest: sshd ready"
+RESUME_MARKER = "vballoon-guest: resuming from"
+"""Printed by /init, with the disk, just before it asks the kernel to resume from a hibernation image."""
 SSH_USER = "root"
 # Fastest measured under TCG; callers append options such as init_on_free=1.
 BASE_CMDLINE = (
@@ -573,6 +577,7 @@ def _write_guest_config(staging: Path, version: str, order: list[str]) -> None:
         "KERNEL_VERSION": version,
         "INIT_MARKER": INIT_MARKER,
         "READY_MARKER": READY_MARKER,
+        "RESUME_MARKER": RESUME_MARKER,
         "MODULES": " ".join(order),
     }
     text = "".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items())
