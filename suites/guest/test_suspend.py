@@ -80,20 +80,19 @@ def s4_vm(machines: MachineFactory, variant: Variant, tmp_path: Path) -> Iterato
 
     The disk is a sparse raw file as large as the guest's RAM: a hibernation image holds at most half of RAM (each
     page saved is copied to a free page first), so it always fits. `-no-shutdown` keeps QEMU up when the guest
-    powers off at the end of hibernating. `vballoon.resume=vda` makes /init resume from the disk; QEMU takes the last
-    -append, so this one carries the variant's command line with it. The guest boots cold: the disk's path is part
-    of the command line, so a snapshot saved of it would never be loaded again. The disk is deleted after the test
-    (pytest keeps its last temp folders; QEMU, stopped later, holds it open until then).
+    powers off at the end of hibernating. `vballoon.resume=vda` makes /init resume from the disk. The guest boots
+    cold: the disk's path is part of the command line, so a snapshot saved of it would never be loaded again. The
+    disk is deleted after the test (pytest keeps its last temp folders; QEMU, stopped later, holds it open until
+    then).
     """
     disk = tmp_path / "swap.raw"
     with disk.open("wb") as f:
         f.truncate(S4_MEMORY_MIB * MIB)
-    image, _ = machines.prepare_guest(variant)
-    cmdline = " ".join([image.kernel_cmdline, *variant.kernel_args, f"vballoon.resume={SWAP_DISK}"])
     try:
-        yield machines.guest(variant, warm=False, memory_mib=S4_MEMORY_MIB, extra_args=(
+        yield machines.guest(variant, warm=False, memory_mib=S4_MEMORY_MIB,
+                             kernel_args=(f"vballoon.resume={SWAP_DISK}",), extra_args=(
             "-drive", f"file={disk},if=none,id=swap0,format=raw", "-device", "virtio-blk-pci,drive=swap0,romfile=",
-            "-no-shutdown", "-append", cmdline))
+            "-no-shutdown"))
     finally:
         disk.unlink()
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from vballoon.digests import file_sha256
 from vballoon.errors import UsageError, VballoonError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipe"
@@ -256,24 +257,19 @@ def _tree_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(_file_digest(path).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _cache_key(packages: dict[str, str], kernel: Path | None, modules: Path | None) -> str:
     inputs = {
         "packages": packages,
-        "kernel": _file_digest(kernel) if kernel else None,
-        "kernel_config": _file_digest(config) if kernel and (config := _user_kernel_config(
+        "kernel": file_sha256(kernel) if kernel else None,
+        "kernel_config": file_sha256(config) if kernel and (config := _user_kernel_config(
             kernel, bzimage_version(kernel))) else None,
         "modules": _tree_digest(modules) if modules else None,
         "recipe": _tree_digest(RECIPE_DIR),
-        "builder": _file_digest(Path(__file__)),
+        "builder": file_sha256(Path(__file__)),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -51,6 +51,8 @@ class MachineSpec:
     memory_mib: int = 512
     trace_events: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
+    kernel_args: tuple[str, ...] = ()
+    """Kernel command-line words after the image's and the variant's (e.g. vballoon.resume=vda)."""
     incoming: str | None = None
     """A migration source to wait for (`-incoming`) instead of booting; SSH is connected after the migration."""
     paused: bool = False
@@ -71,7 +73,7 @@ def guest_arguments(spec: MachineSpec, ssh_port: int, serial: Path) -> list[str]
     args = [
         "-cpu", "max" if spec.accel == "tcg" else "host", "-smp", "1", "-m", f"{spec.memory_mib}M",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", " ".join([image.kernel_cmdline, *spec.variant.kernel_args]),
+        "-append", " ".join([image.kernel_cmdline, *spec.variant.kernel_args, *spec.kernel_args]),
         "-chardev", f"file,id=serial0,path={serial}", "-serial", "chardev:serial0",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", "virtio-net-pci,netdev=net0,romfile=",
