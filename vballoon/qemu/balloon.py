@@ -30,6 +30,9 @@ MIB = 1 << 20
 # Measured: 256 MiB inflate in 0.3-0.7 s under TCG on an idle 2-core host; the
 # deadline allows 50x that for a loaded host.
 CONVERGE_DEADLINE_S = 30.0
+QMP_POLL_MAX_S = 0.1
+"""The longest pause between two polls of actual or of guest-stats: a query costs QEMU well under a millisecond,
+and a wait that backed off to wait_for's 1 s default overran the condition by 0.5 s on average."""
 
 QmpCommand = tuple[str, dict[str, Any]]
 
@@ -105,6 +108,7 @@ class HostBalloon:
         try:
             wait_for(lambda: self.query_balloon() == target_bytes, timeout,
                      f"query-balloon actual to reach {target_bytes} ({requirement})", interval=0.01,
+                     max_interval=QMP_POLL_MAX_S,
                      describe_last=lambda: f"actual {self.query_balloon()} (was {before})")
         except DeadlineExceeded as error:
             raise AssertionError(f"{requirement}: expected actual {target_bytes}, {error}") from None
@@ -123,6 +127,7 @@ class HostBalloon:
             return value if now - last["since"] >= quiet_s else None
 
         return wait_for(settled, timeout, f"query-balloon actual to stay put for {quiet_s:g} s", interval=0.2,
+                        max_interval=0.2,
                         describe_last=lambda: f"actual {last['value']}")
 
     # --- statistics ----------------------------------------------------------
@@ -158,7 +163,7 @@ class HostBalloon:
             seen.append(self.stats_report())
             return seen[-1] if seen[-1].last_update > last_update else None
 
-        return wait_for(newer, timeout, what, interval=0.1,
+        return wait_for(newer, timeout, what, interval=0.1, max_interval=QMP_POLL_MAX_S,
                         describe_last=lambda: f"last-update {seen[-1].last_update}" if seen else "nothing")
 
     # --- the virtio device -----------------------------------------------------
