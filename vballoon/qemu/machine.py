@@ -64,6 +64,9 @@ class MachineSpec:
     """A migration source to wait for (`-incoming`) instead of booting; SSH is connected after the migration."""
     paused: bool = False
     """Stay stopped (-S) once started (after the incoming stream is loaded)."""
+    resumes: bool = False
+    """The kernel resumes a hibernated guest from its disk instead of booting to sshd: the start waits for no
+    console line, and the caller connects SSH once the resumed guest answers."""
     boot_timeout: float = BOOT_TIMEOUT
     snapshot: Path | None = None
     """A saved guest of this spec to load and continue instead of booting (a warm start); SSH is connected after.
@@ -151,7 +154,7 @@ class Machine(QemuMachine):
     def _after_launch(self) -> None:
         if self.warm:
             self.continue_snapshot(self.spec.boot_timeout)
-        elif self.spec.incoming is None:
+        elif self.spec.incoming is None and not self.spec.resumes:
             self.wait_ready(self.spec.boot_timeout)
 
     def _before_stop(self) -> None:
