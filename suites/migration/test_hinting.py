@@ -120,6 +120,15 @@ def wait_mem_free_back(machine: Machine, before_kib: int) -> int:
                     describe_last=lambda: f"MemFree {seen[-1] if seen else '?'} KiB, before {before_kib} KiB")
 
 
+def continue_until_done_is_taken(source: Machine, mem_free_before_kib: int) -> None:
+    """`cont` the source paused at the end of a migration to a file and wait until the driver has given the hinted
+    pages back, which it does when it reads DONE: a round it had started or queued on an earlier command id runs
+    before that, so none is left to add buffers afterwards."""
+    source.qmp.command("cont")
+    wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10, "the source to run again")
+    wait_mem_free_back(source, mem_free_before_kib)
+
+
 @pytest.mark.req("BAL-DRV-FPH-10", "BAL-DEV-FPH-6")
 @over(HINTING_VARIANTS)
 def test_hinted_memory_comes_back_after_migration(migration_lab: MigrationLab, source: Machine) -> None:
@@ -266,23 +275,27 @@ def newest_buffer(machine: Machine, queue: int) -> NewestBuffer:
 @over(HINTING_VARIANTS)
 def test_driver_closes_hinting_with_stop_and_stays_quiet_after_done(migration_lab: MigrationLab,
                                                                    source: Machine) -> None:
-    """After a migration to a file (DONE) and `cont`, the newest buffer the driver put on the free page queue is
-    an out buffer holding STOP: it closed its last round of hints (BAL-DRV-FPH-6); then the guest frees
-    STALE_MIB again and the queue's avail index does not move: no hints after DONE (BAL-DRV-FPH-5). Read
-    from the driver's own ring in guest memory, not from QEMU's pops (QEMU takes any out buffer after START for a
-    STOP without reading it). (Broken on purpose: reading the statsq instead finds a stats buffer, not STOP; a
-    second migration between the two reads makes the driver hint again, its avail index moves and BAL-DRV-FPH-5
-    fails.)"""
+    """After a migration to a file (DONE) and `cont`, once the driver has given the hinted pages back (it does so
+    when it reads DONE), the newest buffer it put on the free page queue is an out buffer holding STOP: it closed
+    its last round of hints (BAL-DRV-FPH-6); then the guest frees STALE_MIB again and the queue's avail index
+    does not move: no hints after DONE (BAL-DRV-FPH-5). Read from the driver's own ring in guest memory, not from
+    QEMU's pops (QEMU takes any out buffer after START for a STOP without reading it). (Broken on purpose: reading
+    the statsq instead finds a stats buffer, not STOP; a second migration between the two reads makes the driver
+    hint again, its avail index moves and BAL-DRV-FPH-5 fails.)
+
+    The first reading waits for the pages to come back, not for the first STOP: the guest is paused at the end of
+    the migration, and a round it had started (or queued) on an earlier command id runs after `cont`; read at the
+    first STOP, that round's buffers made the avail index move in 2 of about 7 runs."""
     touch_and_free(source, STALE_MIB)
+    before = mem_free_kib(source)
     migrate_to_file_watching_ids(migration_lab, source, "to-file", HINTING_BANDWIDTH)
-    source.qmp.command("cont")
-    wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10, "the source to run again")
-    queue = FREE_PAGE_VQ
-    closed = wait_for(lambda: (buffer if (buffer := newest_buffer(source, queue)).is_stop else None),
-                      MEMORY_BACK_TIMEOUT, "BAL-DRV-FPH-6: the driver's newest free page queue buffer to be an out "
-                      "buffer holding STOP (0)", describe_last=lambda: newest_buffer(source, queue).describe())
+    continue_until_done_is_taken(source, before)
+    closed = newest_buffer(source, FREE_PAGE_VQ)
+    assert closed.is_stop, (
+        f"BAL-DRV-FPH-6: once the driver gave the hinted pages back after DONE, expected its newest free page "
+        f"queue buffer to be an out buffer holding STOP (0), got {closed.describe()}")
     touch_and_free(source, STALE_MIB)
-    later = newest_buffer(source, queue)
+    later = newest_buffer(source, FREE_PAGE_VQ)
     assert later.avail_idx == closed.avail_idx, (
         f"BAL-DRV-FPH-5: after DONE the driver should stop supplying hints; its free page queue went from "
         f"{closed.describe()} to {later.describe()} while the guest freed {STALE_MIB} MiB")
@@ -349,15 +362,12 @@ def test_driver_sends_each_command_id_in_one_out_buffer(migration_lab: Migration
     advanced. (Broken on purpose: counting each out buffer for the last id seen, so that STOP counts as the id,
     finds two buffers per round and fails; reading only the out buffers' records fails the completeness check.)"""
     touch_and_free(source, STALE_MIB)
-    queue = FREE_PAGE_VQ
+    mem_free_before = mem_free_kib(source)
     with free_page_queue_probes(source):
-        before = newest_buffer(source, queue).avail_idx
+        before = newest_buffer(source, FREE_PAGE_VQ).avail_idx
         saved_id, _, issued = migrate_to_file_watching_ids(migration_lab, source, "to-file", HINTING_BANDWIDTH)
-        source.qmp.command("cont")
-        wait_for(lambda: source.qmp.command("query-status")["status"] == "running", 10, "the source to run again")
-        closed = wait_for(lambda: (buffer if (buffer := newest_buffer(source, queue)).is_stop else None),
-                          MEMORY_BACK_TIMEOUT, "the driver's newest free page queue buffer to be STOP (0)",
-                          describe_last=lambda: newest_buffer(source, queue).describe())
+        continue_until_done_is_taken(source, mem_free_before)
+        closed = newest_buffer(source, FREE_PAGE_VQ)
         added = added_buffers(source)
     rounds = describe_rounds(added)
     print(f"{source.variant.name}: ids issued {[hex(i) for i in issued]}, last {saved_id:#x}; driver added {rounds}")
