@@ -173,9 +173,10 @@ def assert_balloon_taken_again(vm: Machine, target: int, before: GuestMemory, ac
 
 
 def check_poison_val_after_resume(vm: Machine, state: str, session: Session) -> None:
-    """BAL-DRV-PP-2: the sleep reset the device (QEMU's reset clears poison_val), so the driver must write
-    poison_val again before DRIVER_OK. Linux's virtballoon_restore (6.1, 6.12) does not; with page_poison=1 QEMU then
-    discards reported free pages the guest expects to hold 0xaa, and page poisoning reports corruption."""
+    """BAL-DRV-PP-2: the sleep reset the device (QEMU's reset clears poison_val; after hibernation it is a new
+    QEMU's device, whose poison_val starts at 0), so the driver must write poison_val again before DRIVER_OK.
+    Linux's virtballoon_restore (6.1, 6.12) does not; with page_poison=1 QEMU then discards reported free pages the
+    guest expects to hold 0xaa, and page poisoning reports corruption."""
     if Feature.PAGE_POISON not in vm.variant.accepted_features():
         return
     expected = LINUX_PAGE_POISON_VAL if vm.variant.guest_boot == "pgpoison" else 0
