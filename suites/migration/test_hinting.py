@@ -384,9 +384,14 @@ def test_driver_sends_each_command_id_in_one_out_buffer(migration_lab: Migration
         f"{ {hex(word): count for word, count in repeated.items()} } out buffers in {rounds}")
     assert_guest_healthy(source)
     strays = [word for word in ids if not CMD_ID_MIN <= word <= saved_id]
+    unexplained = [hex(word) for word in strays if word != CMD_ID_DONE]
+    assert not unexplained, (
+        f"BAL-DRV-FPH-2: out buffers: expected STOP or a command id QEMU issued (up to {saved_id:#x}), got "
+        f"{unexplained} in {rounds}")
+    # DONE read a second time as a round starts is Linux's known deviation (known-deviations.toml); nothing else is.
     expect_conformance(not strays, "BAL-DRV-FPH-2", migration_lab.session.qemu,
-                       f"out buffers: expected STOP or a command id QEMU issued (up to {saved_id:#x}), got "
-                       f"{[hex(word) for word in strays]} in {rounds}", source.image.kernel_version)
+                       f"out buffers: expected STOP or a command id QEMU issued (up to {saved_id:#x}), got DONE in "
+                       f"{rounds}", source.image.kernel_version)
 
 
 @pytest.mark.req("BAL-DEV-FPH-1", "BAL-DRV-FPH-8")
