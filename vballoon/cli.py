@@ -58,6 +58,7 @@ def _cmd_image_build(args: argparse.Namespace, rest: list[str]) -> int:
                         modules=Path(args.modules) if args.modules else None)
     print(f"{'cache hit' if image.cache_hit else 'built'} {image.key}")
     print(f"kernel  {image.kernel} ({image.kernel_version})")
+    print(f"boots   {image.booted} ({image.boot})")
     print(f"initrd  {image.initrd}")
     print(f"ssh key {image.ssh_key}")
     print(f"modules {' '.join(image.modules) or '(built in)'}")

@@ -70,8 +70,9 @@ UNBOUND_STATUS = ("VIRTIO_CONFIG_S_ACKNOWLEDGE",)
 
 @pytest.fixture
 def s3_vm(machines: MachineFactory, variant: Variant) -> Machine:
-    """A guest of the variant whose firmware offers S3, for this test alone; its logs kept when it fails."""
-    return machines.guest(variant, extra_args=S3_ENABLED)
+    """A guest of the variant whose firmware offers S3, for this test alone; its logs kept when it fails. It boots
+    the bzImage (MachineSpec.pvh): woken from S3 after a PVH boot, the guest boots afresh."""
+    return machines.guest(variant, extra_args=S3_ENABLED, pvh=False)
 
 
 @pytest.fixture

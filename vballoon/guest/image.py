@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vballoon.digests import file_sha256
 from vballoon.errors import UsageError, VballoonError
+from vballoon.guest import pvh
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipe"
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -72,6 +73,7 @@ class GuestImage:
     """A built guest image: what QEMU boots and how to reach it."""
 
     kernel: Path
+    """The bzImage: its setup header names the kernel release."""
     initrd: Path
     ssh_key: Path
     kernel_version: str
@@ -83,6 +85,15 @@ class GuestImage:
     kernel_cmdline: str = BASE_CMDLINE
     ready_marker: str = READY_MARKER
     init_marker: str = INIT_MARKER
+    boot_kernel: Path | None = None
+    """What QEMU boots: the uncompressed kernel through its PVH entry when it has one (vballoon.guest.pvh), else
+    the bzImage."""
+    boot: str = "pvh"
+    """"pvh", or why the bzImage is booted."""
+
+    @property
+    def booted(self) -> Path:
+        return self.boot_kernel or self.kernel
 
     def config_enabled(self, option: str) -> bool | None:
         """Whether `CONFIG_<option>` is y or m; None when the config is unknown."""
@@ -270,6 +281,7 @@ def _cache_key(packages: dict[str, str], kernel: Path | None, modules: Path | No
         "modules": _tree_digest(modules) if modules else None,
         "recipe": _tree_digest(RECIPE_DIR),
         "builder": file_sha256(Path(__file__)),
+        "pvh": file_sha256(Path(pvh.__file__)),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -614,7 +626,8 @@ def _assemble(
     modules: Path | None,
     key: str,
 ) -> None:
-    """Build bzImage, initrd.cpio, id_ed25519, kernel.config and image.json into out."""
+    """Build bzImage, vmlinux (where PVH can boot it), initrd.cpio, id_ed25519, kernel.config and image.json
+    into out."""
     sysroot_dir = work / "sysroot"
     for name, deb in debs.items():
         if name != kernel_deb:
@@ -654,7 +667,10 @@ def _assemble(
     compile_memhog(staging / "usr" / "bin" / "memhog")
     _write_guest_config(staging, version, order)
     write_cpio(staging, out / "initrd.cpio")
-    metadata = {"key": key, "kernel_version": version, "modules": order}
+    no_pvh = pvh.extract_pvh_kernel(out / "bzImage", out / "vmlinux")
+    if no_pvh is not None:
+        logger.info(f"the guest boots the bzImage (slower under TCG: its decompressor runs in the guest): {no_pvh}")
+    metadata = {"key": key, "kernel_version": version, "modules": order, "boot": no_pvh or "pvh"}
     (out / "image.json").write_text(json.dumps(metadata, indent=1) + "\n")
 
 
@@ -684,4 +700,6 @@ def _load_image(image_dir: Path, cache_hit: bool) -> GuestImage:
         cache_hit=cache_hit,
         modules=tuple(metadata["modules"]),
         kernel_config=_read_config(image_dir / "kernel.config"),
+        boot_kernel=vmlinux if (vmlinux := image_dir / "vmlinux").is_file() else None,
+        boot=metadata["boot"],
     )

@@ -57,7 +57,7 @@ class KvmProbe(QemuMachine):
 
     def _arguments(self) -> list[str]:
         return ["-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256M", "-no-reboot",
-                "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+                "-kernel", str(self.image.booted), "-initrd", str(self.image.initrd),
                 "-append", self.image.kernel_cmdline, "-serial", f"file:{self.logs.serial}"]
 
     def reached_init(self) -> bool:
