@@ -199,8 +199,7 @@ def hibernate_and_power_on(vm: Machine, machines: MachineFactory, disk: Path, ta
 
     Mode `shutdown` rather than `platform`: q35 offers no S4 unless `ICH9-LPC.disable_s4=0`, and QEMU ends an S4
     entry as it ends a power-off, so `platform` would only add the firmware's hooks around the same power-off.
-    A new QEMU rather than system_reset in the old one: that is what a power cycle is, and under TCG a reset
-    guest took 8-9 s longer to reach its kernel than a first boot (QEMU 7.2 and 10.0)."""
+    A new QEMU rather than system_reset in the old one: that is what a power cycle is."""
     start = vm.mark()
     vm.ssh.run("echo shutdown > /sys/power/disk && setsid sh -c 'echo disk > /sys/power/state; "
                f"echo {HIBERNATION_RETURNED} $? > /dev/console' </dev/null >/dev/null 2>&1 &")
