@@ -4,6 +4,7 @@ Debian kernel of the guest image, whose extracted kernel must be the one QEMU bo
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import lzma
 import struct
@@ -15,6 +16,9 @@ import zstandard
 
 from vballoon.guest import pvh
 from vballoon.guest.image import GuestImage, build_image
+from vballoon.matrix import Variant
+from vballoon.qemu.machine import MachineSpec, guest_arguments
+from vballoon.session import Session
 
 SETUP_SECTS = 1
 
@@ -108,3 +112,16 @@ def test_the_debian_kernel_boots_through_pvh(image: GuestImage) -> None:
     assert image.boot_kernel is not None and image.booted == image.boot_kernel, (
         f"expected the image to boot its uncompressed kernel, got {image.booted}")
     assert pvh.has_pvh_entry(image.boot_kernel.read_bytes())
+
+
+def test_a_guest_boots_the_pvh_kernel_unless_its_spec_asks_for_the_bzimage(session: Session, tmp_path: Path) -> None:
+    """MachineSpec.pvh picks what -kernel names: S3 guests boot the bzImage."""
+    variant = Variant.from_name("pci-modern")
+    image = session.image_for(variant)
+    spec = MachineSpec(variant, image, session.qemu, "tcg", tmp_path)
+
+    def kernel(arguments: list[str]) -> str:
+        return arguments[arguments.index("-kernel") + 1]
+
+    assert kernel(guest_arguments(spec, 0, tmp_path / "serial.log")) == str(image.boot_kernel)
+    assert kernel(guest_arguments(dataclasses.replace(spec, pvh=False), 0, tmp_path / "serial.log")) == str(image.kernel)

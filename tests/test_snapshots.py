@@ -25,12 +25,13 @@ def spec(session: Session, tmp_path: Path) -> MachineSpec:
 
 
 def test_key_ignores_ports_and_log_paths_but_not_what_shapes_the_guest(spec: MachineSpec, tmp_path: Path) -> None:
-    """Same guest, other log dir: same key; other RAM size, extra argument, variant, image or QEMU: another."""
+    """Same guest, other log dir: same key; other RAM size, extra argument, boot path (PVH or bzImage), variant,
+    image or QEMU: another."""
     cache = SnapshotCache(tmp_path / "cache")
     key = cache.key(spec)
     assert cache.key(dataclasses.replace(spec, log_dir=tmp_path / "elsewhere")).digest == key.digest
     for changed in (dataclasses.replace(spec, memory_mib=256), dataclasses.replace(spec, extra_args=("-S",)),
-                    dataclasses.replace(spec, variant=Variant.from_name("pci-legacy")),
+                    dataclasses.replace(spec, pvh=False), dataclasses.replace(spec, variant=Variant.from_name("pci-legacy")),
                     dataclasses.replace(spec, image=dataclasses.replace(spec.image, key="another-image"))):
         assert cache.key(changed).digest != key.digest, f"expected a new key for {changed}"
     copy = tmp_path / "qemu-copy"
