@@ -94,7 +94,9 @@ def test_a_kernel_without_the_pvh_note_is_not_extracted(tmp_path: Path) -> None:
     (bzimage(b"\x89LZO" + bytes(64)), "its payload's compression (magic 894c5a4f) is not one vballoon reads"),
     (bzimage(b"\x1f\x8b" + bytes(64)), "its gzip payload does not decompress"),
     (bzimage(gzip.compress(PVH_ELF), protocol=0x0207), "boot protocol 2.7 has no payload fields"),
-], ids=["lzo", "corrupt-gzip", "old-protocol"])
+    (bzimage(gzip.compress(PVH_ELF))[:0x240], "its setup header ends at byte 576"),
+    (bzimage(gzip.compress(PVH_ELF[:0x50])), "its kernel has no PVH entry note"),
+], ids=["lzo", "corrupt-gzip", "old-protocol", "cut-header", "cut-elf"])
 def test_what_cannot_be_extracted_says_why(image: bytes, expected: str, tmp_path: Path) -> None:
     (tmp_path / "bzImage").write_bytes(image)
     reason = pvh.extract_pvh_kernel(tmp_path / "bzImage", tmp_path / "vmlinux")

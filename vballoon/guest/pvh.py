@@ -81,6 +81,8 @@ DECOMPRESSORS: dict[bytes, tuple[str, Callable[[bytes], bytes]]] = {
 
 def payload(bzimage: bytes) -> bytes | str:
     """The compressed kernel in a bzImage, or why it cannot be found."""
+    if len(bzimage) < PAYLOAD + 8:
+        return f"its setup header ends at byte {len(bzimage)}, before the payload fields"
     (protocol,) = struct.unpack_from("<H", bzimage, PROTOCOL_VERSION)
     if protocol < MIN_PROTOCOL:
         return f"boot protocol {protocol >> 8}.{protocol & 0xFF} has no payload fields (2.08 and later do)"
@@ -91,6 +93,13 @@ def payload(bzimage: bytes) -> bytes | str:
 
 def has_pvh_entry(elf: bytes) -> bool:
     """Whether a little-endian ELF64 image has a PT_NOTE with Xen's PHYS32_ENTRY note (what QEMU's loader reads)."""
+    try:
+        return _has_pvh_note(elf)
+    except struct.error:  # a header or note that runs past the end of the image
+        return False
+
+
+def _has_pvh_note(elf: bytes) -> bool:
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         return False
     phoff, = struct.unpack_from("<Q", elf, 0x20)
