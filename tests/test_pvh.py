@@ -14,13 +14,14 @@ import lz4.block
 import pytest
 import zstandard
 
-from vballoon.guest import pvh
-from vballoon.guest.image import GuestImage, build_image
+from vballoon.guest import compression, elf, pvh
+from vballoon.errors import UsageError
+from vballoon.guest.image import GuestImage, _copy_module, build_image
 from vballoon.matrix import Variant
 from vballoon.qemu.machine import MachineSpec, guest_arguments
 from vballoon.session import Session
 
-SETUP_SECTS = 1
+SETUP_SECTORS = 1
 
 
 def elf_with_notes(*notes: tuple[bytes, int, bytes]) -> bytes:
@@ -34,7 +35,7 @@ def elf_with_notes(*notes: tuple[bytes, int, bytes]) -> bytes:
     header[:6] = b"\x7fELF\x02\x01"
     struct.pack_into("<Q", header, 0x20, 64)
     struct.pack_into("<HH", header, 0x36, 56, 1)
-    program = struct.pack("<IIQQQQQQ", pvh.PT_NOTE, 4, 64 + 56, 0, 0, len(body), len(body), 4)
+    program = struct.pack("<IIQQQQQQ", elf.PT_NOTE, 4, 64 + 56, 0, 0, len(body), len(body), 4)
     return bytes(header) + program + body
 
 
@@ -44,9 +45,9 @@ PLAIN_ELF = elf_with_notes((b"GNU", 3, bytes(20)), (b"Xen", 6, b"linux\0"))
 
 def lz4_legacy(data: bytes) -> bytes:
     """What `lz4 -l` writes: the magic, then blocks of at most 8 MiB each led by its compressed size."""
-    out = struct.pack("<I", pvh.LZ4_LEGACY_MAGIC)
-    for at in range(0, len(data), pvh.LZ4_LEGACY_BLOCK):
-        block = lz4.block.compress(data[at:at + pvh.LZ4_LEGACY_BLOCK], store_size=False, mode="high_compression")
+    out = struct.pack("<I", compression.LZ4_LEGACY_MAGIC)
+    for at in range(0, len(data), compression.LZ4_LEGACY_BLOCK):
+        block = lz4.block.compress(data[at:at + compression.LZ4_LEGACY_BLOCK], store_size=False, mode="high_compression")
         out += struct.pack("<I", len(block)) + block
     return out
 
@@ -64,8 +65,8 @@ COMPRESSORS = {
 
 def bzimage(compressed: bytes, protocol: int = 0x020F) -> bytes:
     """A boot sector and one setup sector whose header places `compressed` and its appended size after them."""
-    setup = bytearray((SETUP_SECTS + 1) * 512)
-    setup[pvh.SETUP_SECTS] = SETUP_SECTS
+    setup = bytearray((SETUP_SECTORS + 1) * 512)
+    setup[pvh.SETUP_SECTS] = SETUP_SECTORS
     setup[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", setup, pvh.PROTOCOL_VERSION, protocol)
     payload = compressed + struct.pack("<I", 1 << 20)  # the build's size_append
@@ -91,8 +92,8 @@ def test_a_kernel_without_the_pvh_note_is_not_extracted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("image", "expected"), [
-    (bzimage(b"\x89LZO" + bytes(64)), "its payload's compression (magic 894c5a4f) is not one vballoon reads"),
-    (bzimage(b"\x1f\x8b" + bytes(64)), "its gzip payload does not decompress"),
+    (bzimage(b"\x89LZO" + bytes(64)), "its payload: compression with magic 894c5a4f is not one vballoon reads"),
+    (bzimage(b"\x1f\x8b" + bytes(64)), "its payload: gzip data that does not decompress"),
     (bzimage(gzip.compress(PVH_ELF), protocol=0x0207), "boot protocol 2.7 has no payload fields"),
     (bzimage(gzip.compress(PVH_ELF))[:0x240], "its setup header ends at byte 576"),
     (bzimage(gzip.compress(PVH_ELF[:0x50])), "its kernel has no PVH entry note"),
@@ -111,9 +112,9 @@ def image() -> GuestImage:
 
 def test_the_debian_kernel_boots_through_pvh(image: GuestImage) -> None:
     """Debian's cloud kernel (lz4, CONFIG_PVH=y) is extracted at build time, and that is what QEMU is given."""
-    assert image.boot_kernel is not None and image.booted == image.boot_kernel, (
-        f"expected the image to boot its uncompressed kernel, got {image.booted}")
-    assert pvh.has_pvh_entry(image.boot_kernel.read_bytes())
+    assert image.boot == "pvh" and image.booted == image.kernel.with_name(pvh.VMLINUX), (
+        f"expected the image to boot its uncompressed kernel, got {image.booted} ({image.boot})")
+    assert pvh.has_pvh_entry(image.booted.read_bytes())
 
 
 def test_a_guest_boots_the_pvh_kernel_unless_its_spec_asks_for_the_bzimage(session: Session, tmp_path: Path) -> None:
@@ -125,5 +126,22 @@ def test_a_guest_boots_the_pvh_kernel_unless_its_spec_asks_for_the_bzimage(sessi
     def kernel(arguments: list[str]) -> str:
         return arguments[arguments.index("-kernel") + 1]
 
-    assert kernel(guest_arguments(spec, 0, tmp_path / "serial.log")) == str(image.boot_kernel)
+    assert kernel(guest_arguments(spec, 0, tmp_path / "serial.log")) == str(image.kernel.with_name(pvh.VMLINUX))
     assert kernel(guest_arguments(dataclasses.replace(spec, pvh=False), 0, tmp_path / "serial.log")) == str(image.kernel)
+
+
+@pytest.mark.parametrize("suffix", [".ko.gz", ".ko.xz", ".ko.zst"])
+def test_compressed_modules_are_copied_plain(suffix: str, tmp_path: Path) -> None:
+    """--modules trees ship .ko.gz, .ko.xz (Debian 13) or .ko.zst: each is copied as a plain .ko through the same
+    decompressors as the kernel (no zstd command needed)."""
+    module = b"\x7fELF" + bytes(range(256)) * 64
+    pack = {".ko.gz": COMPRESSORS["gzip"], ".ko.xz": COMPRESSORS["xz"], ".ko.zst": COMPRESSORS["zstd"]}[suffix]
+    (tmp_path / f"virtio_balloon{suffix}").write_bytes(pack(module))
+    copied = _copy_module(tmp_path / f"virtio_balloon{suffix}", tmp_path / "out")
+    assert copied.name == "virtio_balloon.ko" and copied.read_bytes() == module
+
+
+def test_a_corrupt_module_names_the_option_and_the_file(tmp_path: Path) -> None:
+    (tmp_path / "virtio_balloon.ko.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
+    with pytest.raises(UsageError, match=r"^--modules: .*virtio_balloon\.ko\.zst: zstd data that does not decompress"):
+        _copy_module(tmp_path / "virtio_balloon.ko.zst", tmp_path / "out")

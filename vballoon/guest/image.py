@@ -16,11 +16,9 @@ half image behind.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
-import lzma
 import os
 import re
 import shlex
@@ -38,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vballoon.digests import file_sha256
 from vballoon.errors import UsageError, VballoonError
-from vballoon.guest import pvh
+from vballoon.guest import compression, elf, pvh
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipe"
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -85,15 +83,14 @@ class GuestImage:
     kernel_cmdline: str = BASE_CMDLINE
     ready_marker: str = READY_MARKER
     init_marker: str = INIT_MARKER
-    boot_kernel: Path | None = None
-    """What QEMU boots: the uncompressed kernel through its PVH entry when it has one (vballoon.guest.pvh), else
-    the bzImage."""
     boot: str = "pvh"
-    """"pvh", or why the bzImage is booted."""
+    """"pvh" when the image holds the kernel uncompressed beside the bzImage (vmlinux, vballoon.guest.pvh), else why
+    the bzImage is booted."""
 
     @property
     def booted(self) -> Path:
-        return self.boot_kernel or self.kernel
+        """What QEMU boots: the uncompressed kernel through its PVH entry, else the bzImage."""
+        return self.kernel.with_name(pvh.VMLINUX) if self.boot == "pvh" else self.kernel
 
     def config_enabled(self, option: str) -> bool | None:
         """Whether `CONFIG_<option>` is y or m; None when the config is unknown."""
@@ -281,7 +278,7 @@ def _cache_key(packages: dict[str, str], kernel: Path | None, modules: Path | No
         "modules": _tree_digest(modules) if modules else None,
         "recipe": _tree_digest(RECIPE_DIR),
         "builder": file_sha256(Path(__file__)),
-        "pvh": file_sha256(Path(pvh.__file__)),
+        "kernel extraction": [file_sha256(Path(m.__file__)) for m in (pvh, compression, elf)],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -330,14 +327,12 @@ def _copy_module(src: Path, dst_dir: Path) -> Path:
     """Copy a module into dst_dir as a plain .ko, decompressing it if needed."""
     dst = dst_dir / _plain_module_file(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.name.endswith(".ko.xz"):
-        dst.write_bytes(lzma.decompress(src.read_bytes()))
-    elif src.name.endswith(".ko.gz"):
-        dst.write_bytes(gzip.decompress(src.read_bytes()))
-    elif src.name.endswith(".ko.zst"):
-        if shutil.which("zstd") is None:
-            raise UsageError(f"--modules: {src.name} is zstd-compressed; install zstd (apt-get install zstd)")
-        dst.write_bytes(subprocess.run(["zstd", "-dc", str(src)], capture_output=True, check=True).stdout)
+    if src.name.endswith((".ko.xz", ".ko.gz", ".ko.zst")):
+        data = src.read_bytes()
+        try:
+            dst.write_bytes(compression.decompress(data))
+        except compression.DecompressError as error:
+            raise UsageError(f"--modules: {src}: {error}") from None
     else:
         shutil.copyfile(src, dst)
     return dst
@@ -447,13 +442,9 @@ def _builtin_names(tree: Path) -> set[str] | None:
 
 def _elf_interpreter(binary: Path) -> str:
     """The PT_INTERP path of a 64-bit little-endian ELF executable."""
-    data = binary.read_bytes()
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    for index in range(phnum):
-        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + index * phentsize)
-        if p_type == 3:
-            return data[p_offset : p_offset + p_filesz].rstrip(b"\0").decode()
+    for p_type, segment in elf.program_headers(binary.read_bytes()):
+        if p_type == elf.PT_INTERP:
+            return segment.rstrip(b"\0").decode()
     raise VballoonError(f"{binary} is not dynamically linked")
 
 
@@ -667,7 +658,7 @@ def _assemble(
     compile_memhog(staging / "usr" / "bin" / "memhog")
     _write_guest_config(staging, version, order)
     write_cpio(staging, out / "initrd.cpio")
-    no_pvh = pvh.extract_pvh_kernel(out / "bzImage", out / "vmlinux")
+    no_pvh = pvh.extract_pvh_kernel(out / "bzImage", out / pvh.VMLINUX)
     if no_pvh is not None:
         logger.info(f"the guest boots the bzImage (slower under TCG: its decompressor runs in the guest): {no_pvh}")
     metadata = {"key": key, "kernel_version": version, "modules": order, "boot": no_pvh or "pvh"}
@@ -700,6 +691,5 @@ def _load_image(image_dir: Path, cache_hit: bool) -> GuestImage:
         cache_hit=cache_hit,
         modules=tuple(metadata["modules"]),
         kernel_config=_read_config(image_dir / "kernel.config"),
-        boot_kernel=vmlinux if (vmlinux := image_dir / "vmlinux").is_file() else None,
         boot=metadata["boot"],
     )
