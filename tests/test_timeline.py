@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ElementTree
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,10 +139,27 @@ def test_the_summary_puts_the_costliest_first_and_counts_busy_and_idle() -> None
     assert rows[0].startswith("| `t_slow` | pci-modern | gw0 | 40.0 |") and rows[1].startswith("| `t_fast`"), rows
 
 
+def test_cpu_use_sums_the_workers_against_what_the_cpus_give_over_the_wall() -> None:
+    """100 s of wall on 2 CPUs give 200 CPU s; the workers used 120 of them, so the work needs at least 60 s."""
+    cpu = (event("cpu", "gw0", 100, 100, "gw0", harness_s=10.0, processes_s=70.0),
+           event("cpu", "gw1", 100, 100, "gw1", harness_s=5.0, processes_s=35.0))
+    run = sample_run()
+    use = summarise(replace(run, events=run.events + cpu, cpus=2))["cpu"]
+    assert use == {"harness_s": 15.0, "processes_s": 105.0, "total_s": 120.0, "cpus": 2, "busy_pct": 60.0,
+                   "least_wall_s": 60.0}, f"got {use}"
+    assert "least_wall_s" not in summarise(replace(run, events=run.events + cpu))["cpu"], \
+        "expected no share without the number of CPUs"
+    assert summarise(run)["cpu"] is None, "expected no CPU figures when no worker recorded them"
+    assert "the same work takes 60.0 s" in top_markdown(summarise(replace(run, events=run.events + cpu, cpus=2)))
+
+
 @pytest.fixture
 def tiny_suite(tmp_path: Path) -> Path:
-    """Two tests in two xdist groups, so that with --dist loadgroup each of two workers runs one."""
+    """Two tests in two xdist groups, so that with --dist loadgroup each of two workers runs one; test_b spends
+    CPU in a child process as a test does in QEMU."""
     (tmp_path / "test_tiny.py").write_text(textwrap.dedent("""
+        import subprocess
+        import sys
         import time
         import pytest
 
@@ -151,6 +169,8 @@ def tiny_suite(tmp_path: Path) -> Path:
 
         @pytest.mark.xdist_group("b")
         def test_b():
+            subprocess.run([sys.executable, "-c", "import time\\nend = time.process_time() + 0.5\\n"
+                            "while time.process_time() < end: pass"], check=True)
             time.sleep(0.3)
     """))
     return tmp_path
@@ -183,3 +203,9 @@ def test_an_xdist_run_records_both_workers_and_only_the_controller_empties_the_r
     assert all(e.seconds >= 0.3 and e.attrs.get("outcome") == "passed" for e in calls), f"got {calls}"
     assert {e.attrs.get("group") for e in calls} == {"a", "b"}, "expected the xdist group without the nodeid suffix"
     assert {e.kind for e in run.events} >= {"collect"}, "expected each worker's collection"
+    assert run.cpus == len(os.sched_getaffinity(0)), f"expected run.json to name the CPUs, got {run.cpus}"
+    cpu = {e.worker: e.attrs for e in run.events if e.kind == timeline.CPU}
+    worker_b = next(e.worker for e in calls if e.name.endswith("test_b"))
+    assert set(cpu) == {"gw0", "gw1"} and cpu[worker_b]["processes_s"] >= 0.4, \
+        f"expected each worker's CPU, 0.5 s of it in test_b's child process, got {cpu}"
+    assert all(attrs["harness_s"] > 0 for attrs in cpu.values()), f"expected the workers' own CPU, got {cpu}"

@@ -142,7 +142,7 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
     import subprocess
     import sys
 
-    from vballoon.timeline import read_run, summarise
+    from vballoon.timeline import describe_cpu, read_run, summarise
 
     result: dict[str, object] = json.loads(out.read_text()) if out.exists() else {}
     result.update({"benchmark": "conformance-matrix", "accelerator": accel})
@@ -162,13 +162,16 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         wall = time.monotonic() - started
         outcomes, per_variant = junit_matrix_summary(junit)
         target = MATRIX_TARGETS_S.get(tier_name)
+        summary = summarise(read_run(timeline_dir))
         recorded[tier_name] = {
             "suites": suites, "wall_s": round(wall, 1), "workers": jobs, "target_s": target,
             "meets_target": target is None or wall <= target,
             "pytest_exit": completed.returncode, "outcomes": outcomes, "per_variant_s": per_variant,
-            "timeline": summarise(read_run(timeline_dir)),
+            "timeline": summary,
         }
         print(f"{tier_name}: {wall:.0f} s wall (target {target} s), {outcomes}")
+        if summary["cpu"]:
+            print(f"{tier_name}: {describe_cpu(summary['cpu'])}")
     result["tiers"] = recorded
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -94,7 +94,7 @@ def _cmd_report_merge(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_report_timeline(args: argparse.Namespace, rest: list[str]) -> int:
-    from vballoon.timeline import read_run, summarise, top_markdown
+    from vballoon.timeline import describe_cpu, read_run, summarise, top_markdown
     from vballoon.timeline_svg import write_svg
 
     run = read_run(Path(args.run_dir))
@@ -107,6 +107,8 @@ def _cmd_report_timeline(args: argparse.Namespace, rest: list[str]) -> int:
                      for worker, load in summary["workers"].items())
     print(f"{args.run_dir}: {summary['wall_s']} s wall, {summary['tests']} tests, {summary['boots']} boots "
           f"({summary['boot_s']} s); {busy}")
+    if summary["cpu"]:
+        print(describe_cpu(summary["cpu"]))
     print(f"timeline -> {args.out}, costliest tests and boots -> {args.top}")
     return 0
 

@@ -12,10 +12,14 @@ Kinds: a test's `setup`, `call` and `teardown` (and a worker's `collect`);
 a machine's `boot` (launch to ready for use), made for a guest of the stages
 `qemu-start` (launch to QMP ready), `kernel` (to /init on the serial console),
 `init` (to sshd listening) and `ssh` (to SSH connected); a shared guest's
-`health` check and `restore`; `qemu-stop`.
+`health` check and `restore`; `qemu-stop`. When a worker stops recording it
+adds one `cpu` event: the CPU seconds it used itself (`harness_s`) and those
+of the processes it started and reaped (`processes_s`: QEMU, above all).
 
 Reading. `read_run` gives a `Run`; `summarise` gives each worker's busy and
-idle seconds and the costliest tests and boots; `top_markdown` the table.
+idle seconds, the CPU the run used against what the machine's cores could
+give over its wall time, and the costliest tests and boots; `top_markdown`
+the table.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ from vballoon.errors import UsageError
 
 DEFAULT_RUN_DIR = Path("reports/timeline/latest")
 RUN_FILE = "run.json"
-"""The run's start and end and its pytest arguments, written by the controller."""
+"""The run's start and end, its pytest arguments and the CPUs it could use, written by the controller."""
 EVENTS_SUFFIX = ".jsonl"
 TEST_PHASES = ("setup", "call", "teardown")
 BOOT = "boot"
 BOOT_STAGES = ("qemu-start", "kernel", "init", "snapshot-load", "ssh")
 MACHINE_KINDS = (*BOOT_STAGES, "snapshot-save", "health", "restore", "qemu-stop")
+CPU = "cpu"
 TOP = 15
 
 
@@ -72,6 +77,12 @@ class Recorder:
         finally:
             self.record(kind, name, start, time.time(), **attrs, **({} if ended else {"failed": True}))
 
+    def record_cpu(self) -> None:
+        """The `cpu` event: this process's CPU seconds so far and those of the children it reaped."""
+        used, now = os.times(), time.time()
+        self.record(CPU, self.worker, now, now, harness_s=round(used.user + used.system, 2),
+                    processes_s=round(used.children_user + used.children_system, 2))
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -88,8 +99,10 @@ def start_recording(run_dir: Path, worker: str) -> Recorder:
 
 
 def stop_recording() -> None:
+    """End this process's recording with its `cpu` event."""
     global _active
     if _active is not None:
+        _active.record_cpu()
         _active.close()
         _active = None
 
@@ -125,7 +138,8 @@ def begin_run(run_dir: Path, args: tuple[str, ...] | list[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for old in run_dir.glob(f"*{EVENTS_SUFFIX}"):
         old.unlink()
-    (run_dir / RUN_FILE).write_text(json.dumps({"started": time.time(), "args": list(args)}) + "\n")
+    (run_dir / RUN_FILE).write_text(json.dumps({"started": time.time(), "args": list(args),
+                                                "cpus": len(os.sched_getaffinity(0))}) + "\n")
 
 
 def end_run(run_dir: Path) -> None:
@@ -168,12 +182,14 @@ def worker_order(worker: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class Run:
-    """The events of one run, and its start and end (the controller's, else the events')."""
+    """The events of one run, its start and end (the controller's, else the events'), and the CPUs it could use
+    (0: not recorded)."""
 
     directory: Path
     events: tuple[Event, ...]
     started: float
     finished: float
+    cpus: int = 0
 
     @property
     def wall(self) -> float:
@@ -206,7 +222,7 @@ def read_run(run_dir: Path) -> Run:
     meta = json.loads(run_file.read_text()) if run_file.is_file() else {}
     started = min([event.start for event in events] + [float(meta.get("started", float("inf")))])
     finished = max([event.end for event in events] + [float(meta.get("finished", float("-inf")))])
-    return Run(run_dir, tuple(sorted(events, key=lambda e: e.start)), started, finished)
+    return Run(run_dir, tuple(sorted(events, key=lambda e: e.start)), started, finished, int(meta.get("cpus", 0)))
 
 
 # --- summing up -------------------------------------------------------------------------
@@ -230,6 +246,24 @@ def worker_load(run: Run) -> dict[str, dict[str, float]]:
         load[worker] = {"busy_s": round(busy, 1), "idle_s": round(run.wall - busy, 1),
                         "busy_pct": round(100 * busy / run.wall, 1) if run.wall > 0 else 0.0}
     return load
+
+
+def cpu_use(run: Run) -> dict[str, float] | None:
+    """The CPU seconds the workers used (their own, their QEMU processes'), their share of what the run's CPUs
+    could give over its wall time, and the wall time that work needs at the least: all of it spread evenly over
+    the CPUs, never waiting. None when no worker recorded its CPU."""
+    used = [e for e in run.events if e.kind == CPU]
+    if not used:
+        return None
+    harness = sum(float(e.attrs.get("harness_s", 0.0)) for e in used)
+    processes = sum(float(e.attrs.get("processes_s", 0.0)) for e in used)
+    total = harness + processes
+    use: dict[str, float] = {"harness_s": round(harness, 1), "processes_s": round(processes, 1),
+                             "total_s": round(total, 1)}
+    if run.cpus and run.wall > 0:
+        use.update(cpus=run.cpus, busy_pct=round(100 * total / (run.cpus * run.wall), 1),
+                   least_wall_s=round(total / run.cpus, 1))
+    return use
 
 
 def overall_outcome(outcomes: list[str]) -> str:
@@ -275,7 +309,7 @@ def summarise(run: Run, top: int = TOP) -> dict[str, Any]:
     """Wall time, each worker's load, the costliest tests and boots: what bench-matrix.json keeps of a run."""
     boots = [e for e in run.events if e.kind == BOOT]
     return {"run_dir": str(run.directory), "wall_s": round(run.wall, 1), "workers": worker_load(run),
-            "boots": len(boots), "boot_s": round(sum(e.seconds for e in boots), 1),
+            "cpu": cpu_use(run), "boots": len(boots), "boot_s": round(sum(e.seconds for e in boots), 1),
             "tests": len({e.name for e in run.events if e.kind in TEST_PHASES}),
             "costliest_tests": costliest_tests(run, top), "costliest_boots": costliest_boots(run, top)}
 
@@ -288,6 +322,8 @@ def top_markdown(summary: Mapping[str, Any]) -> str:
              "| worker | busy s | idle s | busy % |", "| --- | ---: | ---: | ---: |"]
     for worker, load in summary["workers"].items():
         lines.append(f"| {worker} | {load['busy_s']} | {load['idle_s']} | {load['busy_pct']} |")
+    if summary.get("cpu"):
+        lines += ["", describe_cpu(summary["cpu"])]
     tests = summary["costliest_tests"]
     lines += ["", f"## The {len(tests)} costliest tests (setup includes a boot when the test booted a guest)", ""]
     lines += ["| test | variant | worker | seconds | setup | call | teardown | outcome |",
@@ -305,6 +341,16 @@ def top_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {cell(b['machine'])}{failed} | {b['variant']} | {b['worker']} | {b['seconds']} "
                      f"| {stage_cells} | `{cell(b['test'])}` |")
     return "\n".join(lines) + "\n"
+
+
+def describe_cpu(cpu: Mapping[str, Any]) -> str:
+    """`cpu_use` in a sentence."""
+    text = (f"CPU: {cpu['total_s']} s ({cpu['processes_s']} s in QEMU and other processes the workers started, "
+            f"{cpu['harness_s']} s in the workers themselves).")
+    if "cpus" in cpu:
+        text += (f" That is {cpu['busy_pct']}% of what {cpu['cpus']} CPUs give over the wall time; spread evenly "
+                 f"over them, never waiting, the same work takes {cpu['least_wall_s']} s.")
+    return text
 
 
 def cell(text: str) -> str:
