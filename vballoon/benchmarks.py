@@ -131,7 +131,7 @@ def junit_matrix_summary(junit: Path) -> tuple[dict[str, int], dict[str, float]]
 
 
 def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None, tiers: list[str],
-                         out: Path, jobs: int = 2, suites: str = "suites") -> dict[str, object]:
+                         out: Path, jobs: int, suites: str = "suites") -> dict[str, object]:
     """Run `suites` (every suite by default) over each tier on `jobs` xdist workers, as `make conformance` does (one
     variant's tests stay on one worker); record wall time, per-variant cost (boot + tests, summed over workers) and the
     timeline's summary (each worker's busy and idle seconds, the costliest tests and boots; the run's timeline

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -381,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "written to reports/bench-matrix.json")
     _add_target_options(matrix)
     matrix.add_argument("--tiers", nargs="+", default=["quick", "standard"], choices=("quick", "standard", "full"))
-    matrix.add_argument("--jobs", type=positive_int, default=2,
-                        help="pytest-xdist workers, as make conformance uses (default 2)")
+    matrix.add_argument("--jobs", type=positive_int, default=len(os.sched_getaffinity(0)) + 1,
+                        help="pytest-xdist workers (default: one more than the CPUs, as make conformance uses)")
     matrix.add_argument("--suites", default="suites",
                         help="what pytest runs (default: every suite, as make conformance; e.g. suites/guest)")
     matrix.add_argument("--out", default="reports/bench-matrix.json")
