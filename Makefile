@@ -6,11 +6,9 @@ MATRIX ?= standard
 # 2 MiB huge pages to reserve for the +hugetlb variants (0: leave the host
 # alone and let those variants skip). Needs root; see `make hugepages`.
 HUGEPAGES ?= 0
-# Parallel pytest workers for `make conformance` (each runs one TCG guest at a time): one more than the CPUs,
-# as `vballoon bench matrix` measures by default. A worker waiting on its guest's clock (paced events, reporting
-# delays, stats intervals) leaves its CPU to the extra one: on 2 CPUs the quick tier took 452 s on 2 workers
-# (71% of the CPUs busy) and 370 s on 3 (85%), the standard tier 1267 s and 1045 s, the same tests passing.
-JOBS ?= $(shell echo $$(( $$(nproc) + 1 )))
+# Parallel pytest workers for `make conformance` (each runs one TCG guest at a time). auto: one more than the
+# CPUs (conftest.py's pytest_xdist_auto_num_workers says why), as `vballoon bench matrix` runs by default.
+JOBS ?= auto
 # `make conformance SHARD=K/N`: run shard K of the run split in N (README "Shards"), its JUnit in
 # reports/junit-shard-K-of-N.xml. Unset, nothing is passed (an exported VBALLOON_SHARD still applies).
 SHARD ?=

@@ -131,9 +131,10 @@ def junit_matrix_summary(junit: Path) -> tuple[dict[str, int], dict[str, float]]
 
 
 def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modules: str | None, tiers: list[str],
-                         out: Path, jobs: int, suites: str = "suites") -> dict[str, object]:
-    """Run `suites` (every suite by default) over each tier on `jobs` xdist workers, as `make conformance` does (one
-    variant's tests stay on one worker); record wall time, per-variant cost (boot + tests, summed over workers) and the
+                         out: Path, jobs: str, suites: str = "suites") -> dict[str, object]:
+    """Run `suites` (every suite by default) over each tier on `jobs` xdist workers (a number, or auto: one more than
+    the CPUs), as `make conformance` does (one variant's tests stay on one worker); record wall time, the workers
+    that ran, per-variant cost (boot + tests, summed over workers) and the
     timeline's summary (each worker's busy and idle seconds, the costliest tests and boots; the run's timeline
     stays in reports/timeline/matrix-<tier> for `vballoon report timeline`).
 
@@ -153,8 +154,8 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         timeline_dir = out.parent / "timeline" / f"matrix-{tier_name}"
         args = [sys.executable, "-m", "pytest", suites, "-q", "-p", "no:cacheprovider", f"--matrix={tier_name}",
                 f"--accel={accel}", f"--junitxml={junit}", f"--timeline-dir={timeline_dir}"]
-        if jobs > 1:
-            args += ["-n", str(jobs), "--dist", "loadgroup"]
+        if jobs != "1":
+            args += ["-n", jobs, "--dist", "loadgroup"]
         targets = (("qemu", qemu), ("kernel", kernel), ("modules", modules))
         args += [f"--{name}={value}" for name, value in targets if value]
         started = time.monotonic()
@@ -164,7 +165,7 @@ def run_matrix_benchmark(qemu: str | None, accel: str, kernel: str | None, modul
         target = MATRIX_TARGETS_S.get(tier_name)
         summary = summarise(read_run(timeline_dir))
         recorded[tier_name] = {
-            "suites": suites, "wall_s": round(wall, 1), "workers": jobs, "target_s": target,
+            "suites": suites, "wall_s": round(wall, 1), "workers": len(summary["workers"]), "target_s": target,
             "meets_target": target is None or wall <= target,
             "pytest_exit": completed.returncode, "outcomes": outcomes, "per_variant_s": per_variant,
             "timeline": summary,

@@ -11,13 +11,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from vballoon.errors import VballoonError
+
+
+def worker_count(text: str) -> str:
+    """An argparse type for pytest-xdist's -n: auto or a positive integer."""
+    if text == "auto" or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
 
 
 def positive_int(text: str) -> int:
@@ -382,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "written to reports/bench-matrix.json")
     _add_target_options(matrix)
     matrix.add_argument("--tiers", nargs="+", default=["quick", "standard"], choices=("quick", "standard", "full"))
-    matrix.add_argument("--jobs", type=positive_int, default=len(os.sched_getaffinity(0)) + 1,
-                        help="pytest-xdist workers (default: one more than the CPUs, as make conformance uses)")
+    matrix.add_argument("--jobs", type=worker_count, default="auto",
+                        help="pytest-xdist workers, a number or auto (default: one more than the CPUs, as make "
+                             "conformance uses)")
     matrix.add_argument("--suites", default="suites",
                         help="what pytest runs (default: every suite, as make conformance; e.g. suites/guest)")
     matrix.add_argument("--out", default="reports/bench-matrix.json")
